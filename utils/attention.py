@@ -1,0 +1,336 @@
+"""Scaled dot-product attention and multi-head attention.
+
+Shape letters used throughout the course:
+    B batch, H query heads, H_kv key/value heads, T query length, S key length,
+    D head dimension, E model (embedding) dimension.
+
+Mask convention (one for the whole course, the same as
+``torch.nn.functional.scaled_dot_product_attention``): a **boolean** mask is ``True`` where
+a query *may attend* to a key and ``False`` where it may not; a **floating-point** mask is
+*added* to the scores (``0`` keeps, ``-inf`` removes, any other value biases).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _check_floating(name: str, x: Tensor) -> None:
+    if not isinstance(x, Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if not x.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+
+
+def causal_mask(query_len: int, key_len: int, device=None) -> Tensor:
+    """Boolean causal mask of shape (T, S), ``True`` where query i may see key j.
+
+    Aligned to the bottom right: query ``i`` is the token at position ``S - T + i``, so it
+    sees keys ``0 .. S - T + i``. With ``T == S`` this is the usual lower triangle; with a
+    KV cache (``T < S``) the new queries see the whole cached prefix.
+    """
+    if query_len > key_len:
+        raise ValueError(f"causal mask needs query_len <= key_len, got {query_len} > {key_len}")
+    return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
+
+
+def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        _check_floating(name, x)
+        if x.dim() < 2:
+            raise ValueError(f"{name} must have shape (..., length, dim), got {tuple(x.shape)}")
+    if not (q.dtype == k.dtype == v.dtype):
+        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if q.shape[-1] != k.shape[-1]:
+        raise ValueError(
+            f"q and k must have the same last dimension (head dim), "
+            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
+        )
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(
+            f"k and v must have the same length (dim -2), "
+            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
+        )
+
+
+def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, ...]:
+    try:
+        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
+    except RuntimeError:
+        raise ValueError(
+            f"batch dimensions of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast"
+        ) from None
+    return (*batch, q.shape[-2], k.shape[-2])
+
+
+def _validate_mask(mask: Tensor, scores_shape: tuple[int, ...], dtype: torch.dtype) -> None:
+    if not isinstance(mask, Tensor):
+        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+    if mask.dtype != torch.bool and not mask.is_floating_point():
+        raise ValueError(
+            f"mask must be bool (True = attend) or floating (additive), got {mask.dtype}"
+        )
+    try:
+        if torch.broadcast_shapes(mask.shape, scores_shape) != torch.Size(scores_shape):
+            raise RuntimeError
+    except RuntimeError:
+        raise ValueError(
+            f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
+            f"of shape {scores_shape} (..., T, S)"
+        ) from None
+
+
+def scaled_dot_product_attention(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    mask: Tensor | None = None,
+    *,
+    is_causal: bool = False,
+    dropout_p: float = 0.0,
+    scale: float | None = None,
+    return_weights: bool = False,
+) -> Tensor | tuple[Tensor, Tensor]:
+    """softmax(q k^T / sqrt(D) + mask) v, written out.
+
+    Args:
+        q: (..., T, D) queries.
+        k: (..., S, D) keys.
+        v: (..., S, Dv) values.
+        mask: optional, broadcastable to (..., T, S); bool (True = attend) or float (added).
+        is_causal: also apply :func:`causal_mask` (may be combined with ``mask``).
+        dropout_p: dropout probability on the attention weights (use 0 in evaluation).
+        scale: score scale, default ``1 / sqrt(D)``.
+        return_weights: also return the (..., T, S) attention weights.
+
+    Returns:
+        (..., T, Dv) outputs, and the weights if asked. A query whose keys are all masked
+        gets all-zero weights (and a zero output) rather than NaN.
+    """
+    _validate_qkv(q, k, v)
+    scores_shape = _scores_shape(q, k)
+    if mask is not None:
+        _validate_mask(mask, scores_shape, q.dtype)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scores = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
+
+    keep = None  # boolean (..., T, S) or None
+    if is_causal:
+        keep = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
+    if mask is not None and mask.dtype == torch.bool:
+        keep = mask if keep is None else keep & mask
+    elif mask is not None:
+        scores = scores + mask
+    if keep is not None:
+        scores = scores.masked_fill(~keep, float("-inf"))
+
+    # A query whose keys are all masked has a row of -inf: softmax would give NaN there (and
+    # NaN gradients). Give such rows zero weights and zero gradients instead.
+    empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (..., T, 1)
+    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if dropout_p > 0.0:
+        weights = F.dropout(weights, p=dropout_p, training=True)
+    out = weights @ v  # (..., T, Dv)
+    return (out, weights) if return_weights else out
+
+
+def split_heads(x: Tensor, num_heads: int) -> Tensor:
+    """(B, T, H * D) -> (B, H, T, D)."""
+    if x.dim() != 3 or x.shape[-1] % num_heads:
+        raise ValueError(
+            f"split_heads needs (B, T, H*D) with H*D divisible by num_heads={num_heads}, "
+            f"got {tuple(x.shape)}"
+        )
+    batch, length, width = x.shape
+    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+
+
+def merge_heads(x: Tensor) -> Tensor:
+    """(B, H, T, D) -> (B, T, H * D)."""
+    if x.dim() != 4:
+        raise ValueError(f"merge_heads needs (B, H, T, D), got {tuple(x.shape)}")
+    batch, heads, length, dim = x.shape
+    return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+class KVCache:
+    """Keys and values one attention layer has seen so far, each (B, H_kv, S, D).
+
+    ``update`` appends the new step's keys/values and returns everything cached, so a
+    decoder feeding one token at a time attends to the whole prefix without recomputing it.
+    """
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+
+    def __len__(self) -> int:
+        return 0 if self.k is None else self.k.shape[-2]
+
+    def update(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        if self.k is None:
+            self.k, self.v = k, v
+        else:
+            self.k = torch.cat([self.k, k], dim=-2)
+            self.v = torch.cat([self.v, v], dim=-2)
+        return self.k, self.v
+
+
+class MultiHeadAttention(nn.Module):
+    """Multi-head (and grouped-query) attention, for self- or cross-attention.
+
+    Args:
+        embed_dim: E, width of the queries and of the output.
+        num_heads: H, number of query heads; ``head_dim = E // H`` unless given.
+        num_kv_heads: H_kv key/value heads (grouped-query attention); must divide H.
+            Default H (standard multi-head attention); 1 gives multi-query attention.
+        kv_dim: width of the key/value input for cross-attention (default E).
+        bias: whether the projections have biases.
+        dropout: dropout on the attention weights during training.
+        fused: one (E, 3E) input projection ``qkv`` (GPT-2 layout) instead of separate
+            ``q_proj``, ``k_proj``, ``v_proj`` (BERT/Llama layout). Self-attention only.
+        rotary: optional module with ``forward(q, k, offset) -> (q, k)`` (e.g.
+            :class:`utils.positional_encoding.RotaryEmbedding`) applied after projection.
+        head_dim: D, if not E // H.
+    """
+
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        *,
+        num_kv_heads: int | None = None,
+        kv_dim: int | None = None,
+        bias: bool = True,
+        dropout: float = 0.0,
+        fused: bool = False,
+        rotary: nn.Module | None = None,
+        head_dim: int | None = None,
+    ) -> None:
+        super().__init__()
+        if head_dim is None:
+            if embed_dim % num_heads:
+                raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
+            head_dim = embed_dim // num_heads
+        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
+        if num_heads % num_kv_heads:
+            raise ValueError(
+                f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}"
+            )
+        kv_dim = embed_dim if kv_dim is None else kv_dim
+        if fused and (kv_dim != embed_dim or num_kv_heads != num_heads):
+            raise ValueError("fused=True needs kv_dim == embed_dim and num_kv_heads == num_heads")
+
+        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.head_dim, self.kv_dim, self.dropout, self.fused = head_dim, kv_dim, dropout, fused
+        self.rotary = rotary
+        q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+        if fused:
+            self.qkv = nn.Linear(embed_dim, 3 * q_width, bias=bias)
+        else:
+            self.q_proj = nn.Linear(embed_dim, q_width, bias=bias)
+            self.k_proj = nn.Linear(kv_dim, kv_width, bias=bias)
+            self.v_proj = nn.Linear(kv_dim, kv_width, bias=bias)
+        self.out_proj = nn.Linear(q_width, embed_dim, bias=bias)
+
+    def _project(self, query: Tensor, key_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        if not self.fused:
+            return self.q_proj(query), self.k_proj(key_value), self.v_proj(key_value)
+        w_q, w_k, w_v = self.qkv.weight.chunk(3, dim=0)
+        b_q, b_k, b_v = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.chunk(3)
+        if key_value is query:
+            return self.qkv(query).chunk(3, dim=-1)
+        return (
+            F.linear(query, w_q, b_q),
+            F.linear(key_value, w_k, b_k),
+            F.linear(key_value, w_v, b_v),
+        )
+
+    def _check_inputs(self, query: Tensor, key_value: Tensor) -> None:
+        _check_floating("query", query)
+        _check_floating("key_value", key_value)
+        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
+            raise ValueError(f"query must be (B, T, {self.embed_dim}), got {tuple(query.shape)}")
+        if key_value.dim() != 3 or key_value.shape[-1] != self.kv_dim:
+            raise ValueError(
+                f"key_value must be (B, S, {self.kv_dim}), got {tuple(key_value.shape)}"
+            )
+        if key_value.shape[0] != query.shape[0]:
+            raise ValueError(
+                f"query and key_value batch sizes differ: {query.shape[0]} vs {key_value.shape[0]}"
+            )
+
+    def forward(
+        self,
+        query: Tensor,
+        key_value: Tensor | None = None,
+        *,
+        attn_mask: Tensor | None = None,
+        key_mask: Tensor | None = None,
+        is_causal: bool = False,
+        kv_cache: KVCache | None = None,
+        need_weights: bool = False,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Attend from ``query`` to ``key_value`` (itself when None).
+
+        Args:
+            query: (B, T, E).
+            key_value: (B, S, kv_dim) for cross-attention; None for self-attention.
+            attn_mask: bool or float, broadcastable to (B, H, T, S_total), where S_total
+                includes cached keys; e.g. a (T, S) mask or a (1, H, T, S) relative bias.
+            key_mask: (B, S) bool, True for real tokens and False for padding (the
+                Hugging Face ``attention_mask`` convention); covers cached keys too.
+            is_causal: causal self-attention (bottom-right aligned when a cache is used).
+            kv_cache: a :class:`KVCache` to append this call's keys/values to.
+            need_weights: also return the (B, H, T, S_total) attention weights.
+
+        Returns:
+            (B, T, E) output, and the weights if asked.
+        """
+        key_value = query if key_value is None else key_value
+        self._check_inputs(query, key_value)
+        batch, length, _ = query.shape
+        q, k, v = self._project(query, key_value)
+        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
+        k = k.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
+        v = v.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        if self.rotary is not None:
+            q, k = self.rotary(q, k, offset=0 if kv_cache is None else len(kv_cache))
+        if kv_cache is not None:
+            k, v = kv_cache.update(k, v)
+        if self.num_kv_heads != self.num_heads:  # grouped-query: share each K/V head
+            repeat = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
+
+        mask = attn_mask
+        if key_mask is not None:
+            if not isinstance(key_mask, Tensor):
+                raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
+            if key_mask.dtype != torch.bool or key_mask.shape != (batch, k.shape[-2]):
+                raise ValueError(
+                    f"key_mask must be a bool tensor of shape (B, S) = {(batch, k.shape[-2])} "
+                    f"(True = real token), got {key_mask.dtype} {tuple(key_mask.shape)}"
+                )
+            padding = key_mask[:, None, None, :]  # (B, 1, 1, S)
+            if mask is None or mask.dtype == torch.bool:
+                mask = padding if mask is None else mask & padding
+            else:  # additive mask: turn padding into -inf and add
+                mask = mask + torch.where(padding, 0.0, float("-inf")).to(q.dtype)
+        out, weights = scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            mask,
+            is_causal=is_causal,
+            dropout_p=self.dropout if self.training else 0.0,
+            return_weights=True,
+        )
+        out = self.out_proj(merge_heads(out))  # (B, T, E)
+        return (out, weights) if need_weights else out
