@@ -6,6 +6,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+PY_DIRS := $(wildcard utils tests scripts benchmarks _ext)
 
 .PHONY: book test lint unit nbval notebooks labs clean
 
@@ -22,8 +23,8 @@ book: $(STAMP)
 	$(BIN)/jupyter-book build . -W --keep-going
 
 lint: $(STAMP)
-	$(BIN)/ruff check utils tests scripts benchmarks
-	$(BIN)/ruff format --check utils tests scripts benchmarks
+	$(BIN)/ruff check $(PY_DIRS)
+	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/python scripts/sync_setup_cell.py --check
 
 unit: $(STAMP)
