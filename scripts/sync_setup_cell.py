@@ -61,7 +61,8 @@ def sync(path: Path, check: bool) -> bool:
     if first is not None and "".join(first["source"]).startswith(MARKER):
         first["source"] = source
     else:
-        cell = {"cell_type": "code", "execution_count": None, "metadata": {}, "outputs": []}
+        cell = {"cell_type": "code", "execution_count": None, "id": "course-setup", "metadata": {}}
+        cell["outputs"] = []
         cell["source"] = source
         index = nb["cells"].index(first) if first is not None else len(nb["cells"])
         nb["cells"].insert(index, cell)

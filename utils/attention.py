@@ -132,9 +132,13 @@ def scaled_dot_product_attention(
         scores = scores.masked_fill(~keep, float("-inf"))
 
     # A query whose keys are all masked has a row of -inf: softmax would give NaN there (and
-    # NaN gradients). Give such rows zero weights and zero gradients instead.
+    # NaN gradients). Such rows get zero weights and zero gradients instead. The extra
+    # masked_fill runs only when needed, so autograd normally saves one (..., T, S) tensor.
     empty = torch.isneginf(scores).all(dim=-1, keepdim=True)  # (..., T, 1)
-    weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    if empty.any():
+        weights = torch.softmax(scores.masked_fill(empty, 0.0), dim=-1).masked_fill(empty, 0.0)
+    else:
+        weights = torch.softmax(scores, dim=-1)
     if dropout_p > 0.0:
         weights = F.dropout(weights, p=dropout_p, training=True)
     out = weights @ v  # (..., T, Dv)
@@ -199,6 +203,7 @@ class MultiHeadAttention(nn.Module):
         rotary: optional module with ``forward(q, k, offset) -> (q, k)`` (e.g.
             :class:`utils.positional_encoding.RotaryEmbedding`) applied after projection.
         head_dim: D, if not E // H.
+        scale: score scale, default ``1 / sqrt(D)``; T5 uses unscaled scores (``scale=1.0``).
     """
 
     def __init__(
@@ -213,6 +218,7 @@ class MultiHeadAttention(nn.Module):
         fused: bool = False,
         rotary: nn.Module | None = None,
         head_dim: int | None = None,
+        scale: float | None = None,
     ) -> None:
         super().__init__()
         if head_dim is None:
@@ -230,7 +236,7 @@ class MultiHeadAttention(nn.Module):
 
         self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
         self.head_dim, self.kv_dim, self.dropout, self.fused = head_dim, kv_dim, dropout, fused
-        self.rotary = rotary
+        self.rotary, self.scale = rotary, scale
         q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
         if fused:
             self.qkv = nn.Linear(embed_dim, 3 * q_width, bias=bias)
@@ -330,6 +336,7 @@ class MultiHeadAttention(nn.Module):
             mask,
             is_causal=is_causal,
             dropout_p=self.dropout if self.training else 0.0,
+            scale=self.scale,
             return_weights=True,
         )
         out = self.out_proj(merge_heads(out))  # (B, T, E)
