@@ -75,7 +75,7 @@ def test_intro_page_renders(built_site, browser):
 
 def test_chapter_one_has_figures_math_and_launch_buttons(built_site, browser):
     page, errors = open_page(browser, built_site.html / "chapters" / "01_attention.html")
-    page.wait_for_selector("mjx-container", timeout=20_000)
+    page.wait_for_selector("mjx-container", state="attached", timeout=20_000)
     assert page.locator("mjx-container").count() >= 5, "math was not rendered by MathJax"
 
     figures = page.locator(".cell_output img")
