@@ -7,6 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 PY_DIRS := $(wildcard utils tests scripts benchmarks _ext)
+NOTEBOOK_DIRS := $(wildcard chapters solutions)
 
 .PHONY: book test lint unit nbval notebooks labs clean
 
@@ -31,7 +32,7 @@ unit: $(STAMP)
 	$(BIN)/pytest tests
 
 nbval: $(STAMP)
-	$(BIN)/pytest --nbval chapters solutions --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	$(BIN)/pytest --nbval $(NOTEBOOK_DIRS) --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
 
 test: lint unit nbval
 
