@@ -1,0 +1,270 @@
+"""Deliberately broken lab submissions, each with the check it must fail and what the grader
+must say. Used by tests/test_grading.py through the grader's Python API.
+
+Each case: (id, part, submission, test that must end the part, status, words the message must
+contain). The submissions are what learners really write, one bug each.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+from utils.attention import causal_mask
+
+
+def _scores(q, k, mask=None, is_causal=False):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if is_causal:
+        scores = scores.masked_fill(~causal_mask(q.shape[-2], k.shape[-2]), -math.inf)
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(~mask, -math.inf)
+    elif mask is not None:
+        scores = scores + mask
+    return scores
+
+
+# --------------------------------------------------------------------------- lab 1: attention
+
+
+def softmax_unstable(x, dim=-1):
+    exps = x.exp()  # overflows for scores above ~88
+    return exps / exps.sum(dim=dim, keepdim=True)
+
+
+def softmax_wrong_axis(x, dim=-1):
+    shifted = x - x.amax(dim=0, keepdim=True)  # always normalises over dim 0
+    return shifted.exp() / shifted.exp().sum(dim=0, keepdim=True)
+
+
+def softmax_prints_a_lot(x, dim=-1):
+    print("debug " * 200_000)  # 1.2 MB of output per call
+    shifted = x - x.amax(dim=dim, keepdim=True)
+    return shifted.exp() / shifted.exp().sum(dim=dim, keepdim=True)
+
+
+def attention_transposed_output(q, k, v, mask=None, is_causal=False):
+    weights = torch.softmax(_scores(q, k, mask, is_causal), dim=-1)
+    return (weights @ v).transpose(-2, -1)
+
+
+def attention_missing_scale(q, k, v, mask=None, is_causal=False):
+    return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def attention_mask_inverted(q, k, v, mask=None, is_causal=False):
+    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
+    if mask is not None and mask.dtype == torch.bool:
+        scores = scores.masked_fill(mask, -math.inf)  # True was meant to *keep*
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def attention_all_masked_default(q, k, v, mask=None, is_causal=False):
+    if mask is None:  # "nothing masked"... in the opposite convention: every key is hidden
+        mask = torch.zeros(q.shape[-2], k.shape[-2], dtype=torch.bool)
+    scores = (q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])).masked_fill(~mask, -math.inf)
+    return torch.softmax(scores, dim=-1) @ v
+
+
+def attention_raises(q, k, v, mask=None, is_causal=False):
+    heads = q.shape[4]  # IndexError: q has 4 dimensions
+    return heads
+
+
+def attention_float64(q, k, v, mask=None, is_causal=False):
+    q, k, v = q.double(), k.double(), v.double()  # "more precision" but the wrong dtype back
+    return torch.softmax(_scores(q, k, mask, is_causal), dim=-1) @ v
+
+
+def attention_wrong_device(q, k, v, mask=None, is_causal=False):
+    out = torch.softmax(_scores(q, k, mask, is_causal), dim=-1) @ v
+    return out.to("meta")  # e.g. a hard-coded device="cuda" elsewhere
+
+
+def attention_in_place(q, k, v, mask=None, is_causal=False):
+    q.mul_(1 / math.sqrt(q.shape[-1]))  # scales the caller's tensor
+    return torch.softmax(q @ k.transpose(-2, -1), dim=-1) @ v
+
+
+def attention_returns_weights(q, k, v, mask=None, is_causal=False):
+    weights = torch.softmax(_scores(q, k, mask, is_causal), dim=-1)
+    return weights @ v, weights
+
+
+def attention_calls_sdpa(q, k, v, mask=None, is_causal=False):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
+
+
+def split_heads_view(x, num_heads):
+    batch, length, width = x.shape
+    return x.view(batch, num_heads, length, width // num_heads)
+
+
+# -------------------------------------------------------------------------------- lab 2: RoPE
+
+
+def rotate_interleaved_mixed_up(x):
+    first, second = x.chunk(2, dim=-1)  # the half-split pairing
+    return torch.cat([-second, first], dim=-1)
+
+
+def _rope(x, positions, base, interleaved):
+    theta = base ** (-torch.arange(0, x.shape[-1], 2, dtype=torch.float64) / x.shape[-1])
+    angles = positions.double()[:, None] * theta  # (T, D/2)
+    if interleaved:
+        angles = angles.repeat_interleave(2, dim=-1)
+        even, odd = x[..., 0::2], x[..., 1::2]
+        rotated = torch.stack([-odd, even], dim=-1).flatten(-2)
+    else:
+        angles = torch.cat([angles, angles], dim=-1)
+        first, second = x.chunk(2, dim=-1)
+        rotated = torch.cat([-second, first], dim=-1)
+    cos, sin = angles.cos().float(), angles.sin().float()
+    return (x.float() * cos + rotated.float() * sin).to(x.dtype)
+
+
+def apply_rope_ignores_offset(q, k, offset=0, *, base=10000.0, interleaved=False):
+    positions = torch.arange(q.shape[-2])  # should start at offset
+    return _rope(q, positions, base, interleaved), _rope(k, positions, base, interleaved)
+
+
+# ----------------------------------------------------------------------------- lab 3: flash
+
+
+def _flash(q, k, v, is_causal, block_q, block_k, rescale=True, skip=True):
+    batch, heads, q_len, dim = q.shape
+    k_len = k.shape[-2]
+    offset = k_len - q_len
+    out = torch.empty_like(q)
+    lse = torch.empty(batch, heads, q_len)
+    for q0 in range(0, q_len, block_q):
+        q1 = min(q0 + block_q, q_len)
+        row_max = torch.full((batch, heads, q1 - q0), -math.inf)
+        row_sum = torch.zeros_like(row_max)
+        acc = torch.zeros(batch, heads, q1 - q0, dim)
+        k_end = min(k_len, q1 + offset) if is_causal and skip else k_len
+        for k0 in range(0, k_end, block_k):
+            k1 = min(k0 + block_k, k_len)
+            scores = q[:, :, q0:q1] @ k[:, :, k0:k1].transpose(-2, -1) / math.sqrt(dim)
+            if is_causal:
+                rows = torch.arange(q0, q1)[:, None] + offset
+                scores = scores.masked_fill(rows < torch.arange(k0, k1), -math.inf)
+            new_max = torch.maximum(row_max, scores.amax(-1))
+            probs = torch.exp(scores - new_max[..., None]).nan_to_num(0.0)
+            correction = torch.exp(row_max - new_max) if rescale else torch.ones_like(row_max)
+            row_sum = row_sum * correction + probs.sum(-1)
+            acc = acc * correction[..., None] + probs @ v[:, :, k0:k1]
+            row_max = new_max
+        out[:, :, q0:q1] = acc / row_sum[..., None]
+        lse[:, :, q0:q1] = row_max + row_sum.log()
+    return out, lse
+
+
+def flash_no_rescaling(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    return _flash(q, k, v, is_causal, block_size_q, block_size_k, rescale=False)
+
+
+def flash_no_block_skipping(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    return _flash(q, k, v, is_causal, block_size_q, block_size_k, skip=False)
+
+
+def flash_calls_sdpa(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    out = F.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
+    return out, torch.zeros(q.shape[:-1])
+
+
+def flash_materialises_scores(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    scores = _scores(q, k, is_causal=is_causal)  # (B, H, T, S): the whole matrix
+    return torch.softmax(scores, dim=-1) @ v, torch.logsumexp(scores, dim=-1)
+
+
+def flash_infinite_loop(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    start = 0
+    while start < q.shape[-2]:  # forgot to advance start
+        _ = q[:, :, start : start + block_size_q]
+    return q, q
+
+
+def flash_swallows_everything(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    while True:  # retries forever, and a bare except hides every error
+        try:  # noqa: SIM105
+            time.sleep(0.01)
+        except:  # noqa: E722
+            pass
+
+
+class FlashAttentionNaiveBackward(torch.autograd.Function):
+    """Correct numbers, but the backward pass rebuilds the whole attention matrix."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+        ctx.save_for_backward(q, k, v)
+        ctx.is_causal = is_causal
+        return _flash(q, k, v, is_causal, block_size_q, block_size_k)[0]
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        inputs = [x.detach().requires_grad_() for x in ctx.saved_tensors]
+        with torch.enable_grad():
+            scores = _scores(inputs[0], inputs[1], is_causal=ctx.is_causal)
+            out = torch.softmax(scores, dim=-1) @ inputs[2]
+            grads = torch.autograd.grad(out, inputs, grad_out)
+        return (*grads, None, None, None)
+
+
+def triton_forward_in_torch(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    return _flash(q, k, v, is_causal, block_size_q, block_size_k)  # no kernel at all
+
+
+# (id, part, submission, failing test (prefix), status, words the message must contain)
+CASES = [
+    ("wrong transpose", "attention", attention_transposed_output, "shape", "FAIL",
+     ["shape (2, 3, 6, 5)", "expected (2, 3, 5, 6)"]),
+    ("missing scale", "attention", attention_missing_scale, "hand-sized example", "FAIL",
+     ["without the 1/sqrt(D) scale", "max abs error"]),
+    ("mask inverted", "attention", attention_mask_inverted, "boolean mask", "FAIL",
+     ["mask inverted", "True must mean *may attend*"]),
+    ("softmax over the wrong axis", "softmax", softmax_wrong_axis, "hand-sized example", "FAIL",
+     ["softmax over dim 0"]),
+    ("unstable softmax overflowing", "softmax", softmax_unstable, "large scores", "FAIL",
+     ["NaN", "subtract the row maximum"]),
+    ("RoPE pairs mixed up", "rotate_interleaved", rotate_interleaved_mixed_up,
+     "hand-sized example", "FAIL", ["layouts are mixed up"]),
+    ("wrong offset", "apply_rope", apply_rope_ignores_offset, "position offset", "FAIL",
+     ["the offset is ignored"]),
+    ("flash without rescaling", "flash_forward", flash_no_rescaling, "several blocks", "FAIL",
+     ["rescale", "exp(m_old - m_new)"]),
+    ("flash calling SDPA", "flash_forward", flash_calls_sdpa, "shapes", "FORBIDDEN",
+     ["must not call torch's scaled_dot_product_attention"]),
+    ("flash materialising N x N", "flash_forward", flash_materialises_scores,
+     "never builds the N x N matrix", "FAIL", ["materialised a tensor of shape", "1024, 1024)"]),
+    ("NaN output", "attention", attention_all_masked_default, "finite values", "FAIL",
+     ["NaN"]),
+    ("infinite loop", "flash_forward", flash_infinite_loop, "shapes", "TIMEOUT",
+     ["stopped after 1 s"]),
+    ("infinite loop swallowing exceptions", "flash_forward", flash_swallows_everything, "shapes",
+     "TIMEOUT", ["stopped after 1 s"]),
+    ("exception", "attention", attention_raises, "shape", "ERROR",
+     ["raised IndexError", "heads = q.shape[4]"]),
+    ("wrong dtype", "attention", attention_float64, "dtype", "FAIL",
+     ["dtype torch.float64, expected torch.float32"]),
+    ("wrong device", "attention", attention_wrong_device, "dtype", "FAIL",
+     ["is on meta, expected cpu"]),
+    ("in-place mutation", "attention", attention_in_place, "shape", "FAIL",
+     ["modified its input `q` in place"]),
+    ("tuple instead of tensor", "attention", attention_returns_weights, "shape", "FAIL",
+     ["should be a torch.Tensor, got a tuple of 2 items"]),
+    ("attention calling SDPA", "attention", attention_calls_sdpa, "shape", "FORBIDDEN",
+     ["must not call torch's scaled_dot_product_attention"]),
+    ("heads split with view", "split_heads", split_heads_view, "values", "FAIL",
+     ["x.view(B, H, T, D)"]),
+    ("causal without skipping blocks", "flash_forward", flash_no_block_skipping,
+     "causal skips", "FAIL", ["skip key blocks entirely above the diagonal"]),
+    ("backward through the N x N matrix", "flash_backward", FlashAttentionNaiveBackward,
+     "backward never builds", "FAIL", ["materialised a tensor"]),
+    ("Triton part written in torch", "triton_forward", triton_forward_in_torch, "shapes",
+     "FORBIDDEN", ["must compute inside the kernel"]),
+]  # fmt: skip
