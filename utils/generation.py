@@ -1,0 +1,296 @@
+"""Autoregressive decoding for the course's decoder-only models, with a KV cache.
+
+A *model* here is any module called as ``model(idx, kv_caches=...) -> logits`` with
+``idx`` (B, T) and logits (B, T, V), plus ``model.new_kv_caches()`` (e.g.
+:class:`utils.transformer.GPT` and :class:`utils.transformer.Llama`). With a cache the prompt
+is run once ("prefill") and each later step feeds a single token, so a step costs O(T) instead
+of re-running the whole O(T^2) prefix.
+
+- :func:`generate` / :func:`stream`: greedy decoding or sampling with temperature, top-k and
+  top-p (nucleus, Holtzman et al. 2020), stop tokens; ``stream`` yields tokens as they come.
+- :func:`beam_search`: beam search with a length penalty, scored like Hugging Face's
+  ``generate(num_beams=...)`` so both return the same sequence.
+- :func:`next_token_distribution`: the distribution a sampler draws from (for plots).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from utils.attention import KVCache
+
+# ---------------------------------------------------------------------------------------------
+# Shaping the next-token distribution
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_logits(logits: Tensor) -> None:
+    if not isinstance(logits, Tensor) or not logits.is_floating_point():
+        raise TypeError(
+            f"logits must be a floating-point torch.Tensor, got {type(logits).__name__}"
+        )
+    if logits.dim() not in (1, 2):
+        raise ValueError(f"logits must have shape (V,) or (B, V), got {tuple(logits.shape)}")
+
+
+def top_k_filter(logits: Tensor, k: int) -> Tensor:
+    """Set every logit below the k-th largest to -inf (ties with it are kept). (..., V)."""
+    _check_logits(logits)
+    if k < 1:
+        raise ValueError(f"top_k must be >= 1, got {k}")
+    k = min(k, logits.shape[-1])
+    kth_largest = torch.topk(logits, k, dim=-1).values[..., -1:]
+    return logits.masked_fill(logits < kth_largest, float("-inf"))
+
+
+def top_p_filter(logits: Tensor, p: float) -> Tensor:
+    """Nucleus filter: keep the smallest set of most likely tokens whose probability mass is
+    at least ``p``; set the other logits to -inf. (..., V)."""
+    _check_logits(logits)
+    if not 0.0 < p <= 1.0:
+        raise ValueError(f"top_p must be in (0, 1], got {p}")
+    sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    probs = sorted_logits.softmax(dim=-1)
+    mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+    drop_sorted = mass_before >= p  # the set is already complete without this token
+    drop = drop_sorted.scatter(-1, order, drop_sorted)
+    return logits.masked_fill(drop, float("-inf"))
+
+
+def next_token_distribution(
+    logits: Tensor,
+    *,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> Tensor:
+    """Probabilities (..., V) a sampler draws from: logits / temperature, then top-k, then
+    top-p (the order Hugging Face applies them), then softmax."""
+    _check_logits(logits)
+    if temperature <= 0.0:
+        raise ValueError(
+            f"temperature must be > 0 (use do_sample=False for greedy), got {temperature}"
+        )
+    logits = logits.float() / temperature
+    if top_k is not None:
+        logits = top_k_filter(logits, top_k)
+    if top_p is not None:
+        logits = top_p_filter(logits, top_p)
+    return logits.softmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Greedy decoding and sampling
+# ---------------------------------------------------------------------------------------------
+
+
+def _check_prompt(model: nn.Module, idx: Tensor, max_new_tokens: int) -> None:
+    if not isinstance(idx, Tensor) or idx.dtype != torch.long or idx.dim() != 2:
+        raise ValueError(f"idx must be a (B, T) LongTensor, got {getattr(idx, 'shape', idx)!r}")
+    if idx.shape[1] == 0:
+        raise ValueError("idx must hold at least one prompt token")
+    if max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be >= 1, got {max_new_tokens}")
+    block_size = getattr(getattr(model, "config", None), "block_size", None)
+    if block_size is not None and idx.shape[1] + max_new_tokens > block_size:
+        raise ValueError(
+            f"prompt length {idx.shape[1]} + max_new_tokens {max_new_tokens} exceeds the "
+            f"model's block_size {block_size}"
+        )
+
+
+def _last_logits(model: nn.Module, idx: Tensor, caches: list[KVCache] | None) -> Tensor:
+    """(B, V) float32 logits for the next token; with caches, ``idx`` holds only new tokens."""
+    return model(idx, kv_caches=caches)[:, -1].float()
+
+
+@torch.no_grad()
+def generate_steps(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Iterator[Tensor]:
+    """Yield the next token of every sequence, (B,) per step, until ``max_new_tokens`` or
+    until every sequence has produced a stop token.
+
+    A sequence that has stopped gets ``pad_token_id`` (default: its first stop token) from
+    then on, like Hugging Face. Without a cache, each step re-runs the whole sequence
+    (the slow reference). Arguments as :func:`generate`.
+    """
+    _check_prompt(model, idx, max_new_tokens)
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
+    if pad_token_id is None and len(stop):
+        pad_token_id = int(stop[0])
+    caches = model.new_kv_caches() if use_cache else None
+    finished = torch.zeros(idx.shape[0], dtype=torch.bool, device=idx.device)
+    sequence, new_input = idx, idx
+    for _ in range(max_new_tokens):
+        logits = _last_logits(model, new_input if use_cache else sequence, caches)
+        if do_sample:
+            probs = next_token_distribution(
+                logits, temperature=temperature, top_k=top_k, top_p=top_p
+            )
+            token = torch.multinomial(probs, 1, generator=generator)[:, 0]
+        else:
+            token = logits.argmax(dim=-1)
+        if pad_token_id is not None:
+            token = torch.where(finished, pad_token_id, token)
+        yield token
+        finished |= torch.isin(token, stop)
+        if finished.all():
+            return
+        new_input = token[:, None]
+        if not use_cache:
+            sequence = torch.cat([sequence, new_input], dim=1)
+
+
+def generate(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    do_sample: bool = False,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    stop_tokens: Iterable[int] = (),
+    pad_token_id: int | None = None,
+    use_cache: bool = True,
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """Continue each prompt by up to ``max_new_tokens`` tokens.
+
+    Args:
+        model: a decoder with ``forward(idx, kv_caches=...)`` and ``new_kv_caches()``; put
+            it in ``eval()`` mode first.
+        idx: (B, T) prompt ids (all prompts the same length, no padding).
+        do_sample: False for greedy decoding (argmax); True to sample from
+            :func:`next_token_distribution` with ``temperature``, ``top_k`` and ``top_p``.
+        stop_tokens: ids that end a sequence (kept in the output, like an end-of-text token).
+        pad_token_id: what a stopped sequence is filled with (default: its stop token).
+        use_cache: decode with a KV cache (fast) or re-run the whole prefix each step.
+        generator: a ``torch.Generator`` for reproducible sampling.
+
+    Returns:
+        (B, T + N) prompt followed by N <= max_new_tokens new tokens.
+    """
+    steps = generate_steps(
+        model, idx, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
+        top_p=top_p, stop_tokens=stop_tokens, pad_token_id=pad_token_id, use_cache=use_cache,
+        generator=generator,
+    )  # fmt: skip
+    return torch.cat([idx, *(token[:, None] for token in steps)], dim=1)
+
+
+def stream(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Iterator[int]:
+    """Yield the new tokens of a single prompt one at a time, as ints, as soon as each is
+    chosen (for printing text while it is generated). ``idx`` is (1, T); keyword arguments
+    as :func:`generate`."""
+    if idx.dim() != 2 or idx.shape[0] != 1:
+        raise ValueError(f"stream takes one prompt of shape (1, T), got {tuple(idx.shape)}")
+    for token in generate_steps(model, idx, max_new_tokens, **kwargs):
+        yield int(token[0])
+
+
+# ---------------------------------------------------------------------------------------------
+# Beam search
+# ---------------------------------------------------------------------------------------------
+
+
+def _reorder_caches(caches: list[KVCache], beam_index: Tensor) -> None:
+    """Keep, for each new beam, the cache rows of the beam it extends."""
+    for cache in caches:
+        cache.k, cache.v = cache.k[beam_index], cache.v[beam_index]
+
+
+@torch.no_grad()
+def beam_search(
+    model: nn.Module,
+    idx: Tensor,
+    max_new_tokens: int,
+    *,
+    num_beams: int = 4,
+    length_penalty: float = 1.0,
+    stop_tokens: Iterable[int] = (),
+    early_stopping: bool = True,
+) -> Tensor:
+    """Beam search: keep the ``num_beams`` most likely partial sequences at every step.
+
+    Scoring follows Hugging Face's ``generate(num_beams=..., do_sample=False)``: at each step
+    the best ``2 * num_beams`` (more with several stop tokens) extensions of all beams are
+    ranked by total log-probability; an extension that ends (a stop token, or the length
+    limit) and ranks among the first ``num_beams`` becomes a finished hypothesis with score
+    ``sum_logprob / generated_length ** length_penalty``; the best ``num_beams`` unfinished
+    ones continue. ``early_stopping=True`` stops once ``num_beams`` hypotheses are finished;
+    ``False`` continues while a running beam could still beat the worst finished one
+    (estimated at the current length, as Hugging Face does).
+
+    Args:
+        idx: (1, T) one prompt. The other arguments as :func:`generate`.
+
+    Returns:
+        (1, T + N): the prompt and the best finished hypothesis.
+    """
+    _check_prompt(model, idx, max_new_tokens)
+    if idx.shape[0] != 1:
+        raise ValueError(f"beam_search takes one prompt of shape (1, T), got {tuple(idx.shape)}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
+    candidates_per_step = max(2, 1 + len(stop)) * num_beams
+
+    caches = model.new_kv_caches()
+    beams = idx  # (n, T + step) running sequences; one beam until the first step
+    beam_scores = torch.zeros(1, device=idx.device)  # (n,) summed log-probabilities
+    finished: list[tuple[float, Tensor]] = []  # (normalized score, sequence), best first
+    improvement_possible = True
+    new_input = idx
+    for step in range(max_new_tokens):
+        log_probs = F.log_softmax(_last_logits(model, new_input, caches), dim=-1)  # (n, V)
+        vocab_size = log_probs.shape[-1]
+        totals = (log_probs + beam_scores[:, None]).reshape(-1)
+        top_scores, top_flat = torch.topk(totals, min(candidates_per_step, totals.numel()))
+        parents, tokens = top_flat // vocab_size, top_flat % vocab_size
+        last_step = step == max_new_tokens - 1
+        ends = torch.isin(tokens, stop) | last_step
+        generated_length = step + 1
+
+        # finished hypotheses: only extensions ranked among the first num_beams count
+        pool_full = len(finished) == num_beams
+        if improvement_possible and not (pool_full and early_stopping):
+            for rank in range(min(num_beams, len(tokens))):
+                if ends[rank]:
+                    sequence = torch.cat([beams[parents[rank]], tokens[rank : rank + 1]])
+                    score = float(top_scores[rank]) / generated_length**length_penalty
+                    finished.append((score, sequence))
+            finished = sorted(finished, key=lambda item: -item[0])[:num_beams]
+        if last_step or bool(ends.all()):
+            break
+
+        # running beams: the best num_beams extensions that did not end
+        keep = torch.nonzero(~ends)[:num_beams, 0]
+        parents, tokens, beam_scores = parents[keep], tokens[keep], top_scores[keep]
+        beams = torch.cat([beams[parents], tokens[:, None]], dim=1)
+        _reorder_caches(caches, parents)
+        new_input = tokens[:, None]
+
+        pool_full = len(finished) == num_beams
+        if pool_full:
+            best_running = float(beam_scores[0]) / generated_length**length_penalty
+            improvement_possible &= best_running > finished[-1][0]
+        if (pool_full and early_stopping) or not improvement_possible:
+            break
+    return finished[0][1][None]
