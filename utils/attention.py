@@ -249,10 +249,10 @@ class MultiHeadAttention(nn.Module):
     def _project(self, query: Tensor, key_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not self.fused:
             return self.q_proj(query), self.k_proj(key_value), self.v_proj(key_value)
+        if key_value is query:  # self-attention: one (E, 3E) matmul
+            return self.qkv(query).chunk(3, dim=-1)
         w_q, w_k, w_v = self.qkv.weight.chunk(3, dim=0)
         b_q, b_k, b_v = (None,) * 3 if self.qkv.bias is None else self.qkv.bias.chunk(3)
-        if key_value is query:
-            return self.qkv(query).chunk(3, dim=-1)
         return (
             F.linear(query, w_q, b_q),
             F.linear(key_value, w_k, b_k),

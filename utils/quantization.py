@@ -147,27 +147,6 @@ def quantize_linear_layers(
     return model
 
 
-class _LinearInterface(nn.Module):
-    """Wraps PyTorch's ``DynamicQuantizedLinear`` (whose ``weight()`` and ``bias()`` are
-    methods) so that ``.weight`` and ``.bias`` are tensors, as on ``nn.Linear``: our fused
-    attention reads ``qkv.weight``. The forward pass is PyTorch's int8 kernel."""
-
-    def __init__(self, quantized: nn.Module) -> None:
-        super().__init__()
-        self.quantized = quantized
-
-    @property
-    def weight(self) -> Tensor:
-        return self.quantized.weight().dequantize()
-
-    @property
-    def bias(self) -> Tensor | None:
-        return self.quantized.bias()
-
-    def forward(self, x: Tensor) -> Tensor:
-        return self.quantized(x)
-
-
 def pytorch_dynamic_int8(model: nn.Module) -> nn.Module:
     """PyTorch's dynamic int8 quantization of every ``nn.Linear`` (a copy; CPU only): int8
     weights (per tensor) and int8 matmuls with activations quantized on the fly.
@@ -181,11 +160,6 @@ def pytorch_dynamic_int8(model: nn.Module) -> nn.Module:
         model = torch.ao.quantization.quantize_dynamic(
             copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8
         )
-    dynamic = torch.ao.nn.quantized.dynamic.Linear
-    for parent in list(model.modules()):
-        for name, child in parent.named_children():
-            if isinstance(child, dynamic):
-                setattr(parent, name, _LinearInterface(child))
     return model
 
 
