@@ -17,13 +17,12 @@ Prints the config, ms per iteration, the first evaluation at or below the target
 and wall time, evaluations included) and the final validation loss. ``scripts/
 train_char_gpt.py`` trains the same recipe and saves the checkpoint later chapters load.
 
-Measured 2026-11-23 on the shared 2-core machine (AMD EPYC, AVX-512 BF16), load average 4-8
-from other jobs, so the times are inflated and will be re-measured on an idle machine:
-course recipe, ``--threads 1``: val loss 2.1542 / 1.9230 / 1.8527 at iterations 600 / 1200 /
-1800; target 1.88 reached at iteration 1800 (the first evaluation after 1200), 113.4 s wall,
-63.0 ms/iter including evaluations. Under that load 2 threads were far slower than 1 (the
-second thread waits for a core), so use ``--threads 1`` on a busy machine. Single-thread CPU
-time per step: float32 65 ms, bfloat16 32-36 ms.
+Measured 2026-11-23 on an idle 2-core machine (AMD EPYC, AVX-512 BF16), 2 threads, course
+recipe: val loss 2.1464 / 1.9286 / 1.8534 at iterations 600 / 1200 / 1800; target 1.88 reached
+at iteration 1800 (the first evaluation after 1200) after 41.0 s wall, 22.8 ms/iter including
+evaluations. On a machine loaded by other jobs a second thread mostly waits for a core (the
+same run took 113 s with ``--threads 1`` and far longer with 2), so use ``--threads 1`` there.
+Single-thread CPU time per step: float32 65 ms, bfloat16 32-36 ms.
 """
 
 from __future__ import annotations
