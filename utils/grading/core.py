@@ -32,6 +32,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from utils.flash_attention import TensorMemoryTracker
@@ -559,3 +560,11 @@ def expect_signature(obj, kind: str, entry: str) -> None:
         isinstance(obj, type) and issubclass(obj, torch.autograd.Function)
     ):
         fail(f"`{entry}` should be a subclass of torch.autograd.Function, got {describe(obj)}")
+
+
+# Every attention part forbids PyTorch's fused kernel: the point is to write it yourself.
+TORCH_SDPA_FORBIDDEN = (
+    F,
+    "scaled_dot_product_attention",
+    "this part must not call torch's scaled_dot_product_attention",
+)

@@ -11,11 +11,11 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 import utils.attention as attention_ref
 
 from .core import (
+    TORCH_SDPA_FORBIDDEN,
     Part,
     Submission,
     Test,
@@ -493,11 +493,7 @@ def mha_tests() -> list[Test]:
 
 
 SDPA_FORBIDDEN = (
-    (
-        F,
-        "scaled_dot_product_attention",
-        "this part must not call torch's scaled_dot_product_attention",
-    ),
+    TORCH_SDPA_FORBIDDEN,
     (
         attention_ref,
         "scaled_dot_product_attention",

@@ -17,12 +17,12 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.nn.functional as F
 
 import utils.attention as attention_ref
 import utils.flash_attention as flash_ref
 
 from .core import (
+    TORCH_SDPA_FORBIDDEN,
     Part,
     Test,
     expect_close,
@@ -342,11 +342,7 @@ def backward_tests() -> list[Test]:
 
 
 FLASH_FORBIDDEN = (
-    (
-        F,
-        "scaled_dot_product_attention",
-        "this part must not call torch's scaled_dot_product_attention",
-    ),
+    TORCH_SDPA_FORBIDDEN,
     (
         attention_ref,
         "scaled_dot_product_attention",
