@@ -392,6 +392,21 @@ def test_kv_cache_with_key_mask_covers_cached_keys():
     assert_close(last, full[:, 4:], **TOL)
 
 
+def test_kv_cache_reorder_continues_the_chosen_rows():
+    """After reorder(index), decoding row i continues the sequence of row index[i] (what
+    beam search needs): equal to running the reordered sequences from scratch."""
+    torch.manual_seed(0)
+    mha = MultiHeadAttention(E, H).eval()
+    x = torch.randn(3, 5, E)
+    index = torch.tensor([2, 0, 2, 1])
+    cache = KVCache()
+    mha(x[:, :4], is_causal=True, kv_cache=cache)
+    cache.reorder(index)
+    step = mha(x[index, 4:], is_causal=True, kv_cache=cache)
+    assert len(cache) == 5 and cache.k.shape[0] == 4
+    assert_close(step, mha(x[index], is_causal=True)[:, 4:], **TOL)
+
+
 # --- MultiHeadAttention bad inputs ---------------------------------------------------------------
 
 

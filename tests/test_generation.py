@@ -20,10 +20,12 @@ from utils.generation import (
     generate,
     next_token_distribution,
     stream,
+    to_decoding_layout,
     top_k_filter,
     top_p_filter,
 )
 from utils.hf_weights import from_hf
+from utils.transformer import GPT
 
 VOCAB = 64
 
@@ -195,6 +197,30 @@ def test_beam_search_with_one_beam_is_greedy(hf_gpt2):
     ours = from_hf(hf_gpt2).eval()
     idx = prompts(1, 5, seed=7)
     assert torch.equal(beam_search(ours, idx, 15, num_beams=1), generate(ours, idx, 15))
+
+
+def test_decoding_layout_keeps_values_ties_and_tokens(pair):
+    """Column-major weights: same shapes and values, ties kept, logits equal to float32
+    rounding (atol 1e-5), and still exactly Hugging Face's greedy tokens."""
+    hf, _ = pair
+    ours = from_hf(hf).eval()  # a fresh copy: the change is in place
+    idx = prompts(4, 6, seed=1)
+    before = {name: p.clone() for name, p in ours.named_parameters()}
+    with torch.no_grad():
+        logits = ours(idx)
+    assert to_decoding_layout(ours) is ours
+    for name, p in ours.named_parameters():
+        assert torch.equal(p, before[name]), name
+    linears = [m for m in ours.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(m.weight.t().is_contiguous() for m in linears)
+    if isinstance(ours, GPT):
+        assert ours.lm_head.weight is ours.wte.weight
+    with torch.no_grad():
+        torch.testing.assert_close(ours(idx), logits, atol=1e-5, rtol=0)
+    expected = hf.generate(
+        idx, attention_mask=torch.ones_like(idx), max_new_tokens=40, do_sample=False
+    )
+    assert torch.equal(generate(ours, idx, 40, stop_tokens=[eos_of(hf)]), expected)
 
 
 def test_stream_yields_the_tokens_of_generate(pair):

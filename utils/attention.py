@@ -186,6 +186,12 @@ class KVCache:
             self.v = torch.cat([self.v, v], dim=-2)
         return self.k, self.v
 
+    def reorder(self, batch_index: Tensor) -> None:
+        """Keep, as row i, the cached row ``batch_index[i]`` (beam search: each new beam
+        continues the cache of the beam it extends). ``batch_index`` is (B_new,) long."""
+        if self.k is not None:
+            self.k, self.v = self.k[batch_index], self.v[batch_index]
+
 
 class MultiHeadAttention(nn.Module):
     """Multi-head (and grouped-query) attention, for self- or cross-attention.

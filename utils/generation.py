@@ -11,6 +11,7 @@ of re-running the whole O(T^2) prefix.
 - :func:`beam_search`: beam search with a length penalty, scored like Hugging Face's
   ``generate(num_beams=...)`` so both return the same sequence.
 - :func:`next_token_distribution`: the distribution a sampler draws from (for plots).
+- :func:`to_decoding_layout`: store the weights the way one-token decoding reads them fastest.
 """
 
 from __future__ import annotations
@@ -81,6 +82,36 @@ def next_token_distribution(
     if top_p is not None:
         logits = top_p_filter(logits, top_p)
     return logits.softmax(dim=-1)
+
+
+# ---------------------------------------------------------------------------------------------
+# Weight layout for decoding
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def to_decoding_layout(model: nn.Module) -> nn.Module:
+    """Store every ``nn.Linear`` weight column-major, in place; returns ``model``.
+
+    A weight keeps its (out, in) shape and its values, but its memory becomes that of the
+    contiguous (in, out) matrix it is the transpose of (strides (1, out)): the layout of
+    GPT-2's original ``Conv1D``. ``F.linear`` then multiplies a (1, in) activation by a
+    contiguous (in, out) matrix, adding whole rows of the weight into the output as it
+    streams through memory, instead of taking ``out`` separate dot products. A cached decoding
+    step is such a matrix-vector product per layer, bound by how fast the weights come from
+    memory; on the course's 2-core CPU machine this layout makes cached decoding about 30 %
+    faster (``benchmarks/generation.py``). Results agree with the default layout to rounding.
+
+    Tied weights (GPT's ``lm_head`` and ``wte``) are changed once and stay tied. Meant for
+    inference: convert a copy, or save checkpoints before (safetensors stores only
+    contiguous tensors).
+    """
+    done: set[int] = set()
+    for module in model.modules():
+        if isinstance(module, nn.Linear) and id(module.weight) not in done:
+            done.add(id(module.weight))
+            module.weight.data = module.weight.data.t().contiguous().t()
+    return model
 
 
 # ---------------------------------------------------------------------------------------------
@@ -210,12 +241,6 @@ def stream(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Iter
 # ---------------------------------------------------------------------------------------------
 
 
-def _reorder_caches(caches: list[KVCache], beam_index: Tensor) -> None:
-    """Keep, for each new beam, the cache rows of the beam it extends."""
-    for cache in caches:
-        cache.k, cache.v = cache.k[beam_index], cache.v[beam_index]
-
-
 @torch.no_grad()
 def beam_search(
     model: nn.Module,
@@ -284,7 +309,8 @@ def beam_search(
         keep = torch.nonzero(~ends)[:num_beams, 0]
         parents, tokens, beam_scores = parents[keep], tokens[keep], top_scores[keep]
         beams = torch.cat([beams[parents], tokens[:, None]], dim=1)
-        _reorder_caches(caches, parents)
+        for cache in caches:
+            cache.reorder(parents)
         new_input = tokens[:, None]
 
         pool_full = len(finished) == num_beams
