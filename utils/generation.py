@@ -157,9 +157,18 @@ def generate_steps(
     """Yield the next token of every sequence, (B,) per step, until ``max_new_tokens`` or
     until every sequence has produced a stop token.
 
-    A sequence that has stopped gets ``pad_token_id`` (default: its first stop token) from
-    then on, like Hugging Face. Without a cache, each step re-runs the whole sequence
-    (the slow reference). Arguments as :func:`generate`.
+    Args:
+        model: a decoder with ``forward(idx, kv_caches=...)`` and ``new_kv_caches()``; put
+            it in ``eval()`` mode first.
+        idx: (B, T) prompt ids (all prompts the same length, no padding).
+        do_sample: False for greedy decoding (argmax); True to sample from
+            :func:`next_token_distribution` with ``temperature``, ``top_k`` and ``top_p``.
+        stop_tokens: ids that end a sequence (kept in the output, like an end-of-text token).
+        pad_token_id: what a stopped sequence is filled with from then on (default: its first
+            stop token), like Hugging Face.
+        use_cache: decode with a KV cache (fast) or re-run the whole prefix each step (the
+            slow reference).
+        generator: a ``torch.Generator`` for reproducible sampling.
     """
     _check_prompt(model, idx, max_new_tokens)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
@@ -188,48 +197,19 @@ def generate_steps(
             sequence = torch.cat([sequence, new_input], dim=1)
 
 
-def generate(
-    model: nn.Module,
-    idx: Tensor,
-    max_new_tokens: int,
-    *,
-    do_sample: bool = False,
-    temperature: float = 1.0,
-    top_k: int | None = None,
-    top_p: float | None = None,
-    stop_tokens: Iterable[int] = (),
-    pad_token_id: int | None = None,
-    use_cache: bool = True,
-    generator: torch.Generator | None = None,
-) -> Tensor:
-    """Continue each prompt by up to ``max_new_tokens`` tokens.
-
-    Args:
-        model: a decoder with ``forward(idx, kv_caches=...)`` and ``new_kv_caches()``; put
-            it in ``eval()`` mode first.
-        idx: (B, T) prompt ids (all prompts the same length, no padding).
-        do_sample: False for greedy decoding (argmax); True to sample from
-            :func:`next_token_distribution` with ``temperature``, ``top_k`` and ``top_p``.
-        stop_tokens: ids that end a sequence (kept in the output, like an end-of-text token).
-        pad_token_id: what a stopped sequence is filled with (default: its stop token).
-        use_cache: decode with a KV cache (fast) or re-run the whole prefix each step.
-        generator: a ``torch.Generator`` for reproducible sampling.
-
-    Returns:
-        (B, T + N) prompt followed by N <= max_new_tokens new tokens.
-    """
-    steps = generate_steps(
-        model, idx, max_new_tokens, do_sample=do_sample, temperature=temperature, top_k=top_k,
-        top_p=top_p, stop_tokens=stop_tokens, pad_token_id=pad_token_id, use_cache=use_cache,
-        generator=generator,
-    )  # fmt: skip
+def generate(model: nn.Module, idx: Tensor, max_new_tokens: int, **options) -> Tensor:
+    """Continue each (B, T) prompt by up to ``max_new_tokens`` tokens; returns (B, T + N),
+    the prompts followed by N <= max_new_tokens new tokens. Keyword options (``do_sample``,
+    ``temperature``, ``top_k``, ``top_p``, ``stop_tokens``, ``pad_token_id``, ``use_cache``,
+    ``generator``) as :func:`generate_steps`."""
+    steps = generate_steps(model, idx, max_new_tokens, **options)
     return torch.cat([idx, *(token[:, None] for token in steps)], dim=1)
 
 
 def stream(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Iterator[int]:
     """Yield the new tokens of a single prompt one at a time, as ints, as soon as each is
-    chosen (for printing text while it is generated). ``idx`` is (1, T); keyword arguments
-    as :func:`generate`."""
+    chosen (for printing text while it is generated). ``idx`` is (1, T); keyword options
+    as :func:`generate_steps`."""
     if idx.dim() != 2 or idx.shape[0] != 1:
         raise ValueError(f"stream takes one prompt of shape (1, T), got {tuple(idx.shape)}")
     for token in generate_steps(model, idx, max_new_tokens, **kwargs):

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from utils.tasks.encoders import encode, mean_pool
+from utils.tasks.encoders import encode, mean_pool, tokenized_batches
 
 
 @dataclass
@@ -58,14 +58,7 @@ def predict_labels(
     """Arg-max class of each text, the model in eval mode."""
     model.eval()
     labels = []
-    for i in range(0, len(texts), batch_size):
-        batch = tokenizer(
-            texts[i : i + batch_size],
-            padding=True,
-            truncation=True,
-            max_length=max_length,
-            return_tensors="pt",
-        )
+    for batch in tokenized_batches(tokenizer, texts, batch_size, max_length):
         labels += model(batch["input_ids"], batch["attention_mask"]).argmax(-1).tolist()
     return labels
 

@@ -61,20 +61,26 @@ def freeze_all_but_last_layers(model: nn.Module, layers: nn.ModuleList, trainabl
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-@torch.no_grad()
-def sentence_embeddings(
-    encoder: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128
-) -> Tensor:
-    """Unit-length mean-pooled embeddings (N, E) of ``texts`` (Sentence-BERT recipe)."""
-    chunks = []
+def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
+    """Yield ``texts`` in order as padded, truncated batches of at most ``batch_size``, each
+    a Hugging Face tokenizer's output with (b, T) ``input_ids`` and ``attention_mask``."""
     for i in range(0, len(texts), batch_size):
-        batch = tokenizer(
+        yield tokenizer(
             texts[i : i + batch_size],
             padding=True,
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
         )
+
+
+@torch.no_grad()
+def sentence_embeddings(
+    encoder: nn.Module, tokenizer, texts: list[str], batch_size: int = 64, max_length: int = 128
+) -> Tensor:
+    """Unit-length mean-pooled embeddings (N, E) of ``texts`` (Sentence-BERT recipe)."""
+    chunks = []
+    for batch in tokenized_batches(tokenizer, texts, batch_size, max_length):
         hidden = encode(encoder, batch["input_ids"], batch["attention_mask"])
         chunks.append(nn.functional.normalize(mean_pool(hidden, batch["attention_mask"]), dim=-1))
     return torch.cat(chunks)
