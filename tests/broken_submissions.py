@@ -8,11 +8,15 @@ contain). The submissions are what learners really write, one bug each.
 from __future__ import annotations
 
 import math
+import os
+import signal
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
+import utils.attention as course_attention
 from utils.attention import causal_mask
 
 
@@ -219,6 +223,107 @@ def triton_forward_in_torch(q, k, v, is_causal=False, block_size_q=64, block_siz
     return _flash(q, k, v, is_causal, block_size_q, block_size_k)  # no kernel at all
 
 
+# ------------------------------------------------- hostile: ending the process, leaking state
+
+
+def softmax_exits(x, dim=-1):
+    sys.exit("done")  # a script habit
+
+
+def attention_os_exit(q, k, v, mask=None, is_causal=False):
+    os._exit(3)  # would kill the grader (and the notebook's kernel) without a report
+
+
+def attention_turns_gradients_off(q, k, v, mask=None, is_causal=False):
+    torch.set_grad_enabled(False)  # "inference is faster", globally and never undone
+    return torch.softmax(_scores(q, k, mask, is_causal), dim=-1) @ v
+
+
+def rope_cos_sin_float64_default(positions, head_dim, base=10000.0, interleaved=False):
+    torch.set_default_dtype(torch.float64)  # "more precision" for everyone after this call
+    theta = base ** (-torch.arange(0, head_dim, 2, dtype=torch.get_default_dtype()) / head_dim)
+    angles = positions.to(torch.get_default_dtype())[:, None] * theta
+    angles = angles.repeat_interleave(2, -1) if interleaved else torch.cat([angles] * 2, -1)
+    return angles.cos(), angles.sin()  # float64: the lab says float32
+
+
+def _last_axis_softmax(x, dim=-1, **kwargs):
+    shifted = x - x.amax(dim=-1, keepdim=True)
+    return shifted.exp() / shifted.exp().sum(dim=-1, keepdim=True)
+
+
+def softmax_patches_torch(x, dim=-1):
+    torch.softmax = _last_axis_softmax  # the reference computed after the call used to be this
+    return _last_axis_softmax(x)  # ignores `dim`
+
+
+def attention_on_meta_device(q, k, v, mask=None, is_causal=False):
+    torch.set_default_device("meta")  # e.g. a "cuda" default left from another notebook
+    return torch.softmax(_scores(q, k, mask, is_causal), dim=-1) @ v + torch.zeros(())
+
+
+def flash_disarms_the_timer(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    signal.signal(signal.SIGALRM, signal.SIG_IGN)  # the grader's alarm would never ring
+    while True:
+        pass
+
+
+def softmax_recursive(x, dim=-1):
+    return softmax_recursive(x, dim)  # meant to call torch's
+
+
+# ------------------------------------- broken: what the lab states but the old checks missed
+
+
+def attention_causal_replaces_mask(q, k, v, mask=None, is_causal=False):
+    if is_causal:
+        mask = causal_mask(q.shape[-2], k.shape[-2])  # the caller's mask is lost
+    return torch.softmax(_scores(q, k, mask), dim=-1) @ v
+
+
+def attention_mask_replaces_causal(q, k, v, mask=None, is_causal=False):
+    if mask is None and is_causal:  # with a mask, the causal flag is ignored
+        mask = causal_mask(q.shape[-2], k.shape[-2])
+    return torch.softmax(_scores(q, k, mask), dim=-1) @ v
+
+
+split_heads_from_course = course_attention.split_heads  # the course's reference, as is
+
+
+def merge_heads_calls_course(x):
+    return course_attention.merge_heads(x)
+
+
+def apply_rope_keys_at_zero(q, k, offset=0, *, base=10000.0, interleaved=False):
+    positions = torch.arange(offset, offset + q.shape[-2])
+    return _rope(q, positions, base, interleaved), _rope(k, positions - offset, base, interleaved)
+
+
+def apply_rope_keys_default_base(q, k, offset=0, *, base=10000.0, interleaved=False):
+    positions = torch.arange(offset, offset + q.shape[-2])
+    return _rope(q, positions, base, interleaved), _rope(k, positions, 10000.0, interleaved)
+
+
+def apply_rope_keys_float32(q, k, offset=0, *, base=10000.0, interleaved=False):
+    positions = torch.arange(offset, offset + q.shape[-2])
+    return _rope(q, positions, base, interleaved), _rope(k, positions, base, interleaved).float()
+
+
+def flash_lse_in_input_dtype(q, k, v, is_causal=False, block_size_q=64, block_size_k=64):
+    out, lse = _flash(q.float(), k.float(), v.float(), is_causal, block_size_q, block_size_k)
+    return out.to(q.dtype), lse.to(q.dtype)  # the lab's table says lse is float32
+
+
+class MultiHeadAttentionWrapsTorch(torch.nn.Module):
+    def __init__(self, embed_dim, num_heads, kv_dim=None):
+        super().__init__()
+        self.inner = torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+
+    def forward(self, query, key_value=None, attn_mask=None, is_causal=False):
+        key_value = query if key_value is None else key_value
+        return self.inner(query, key_value, key_value, attn_mask=attn_mask)[0]
+
+
 # (id, part, submission, failing test (prefix), status, words the message must contain)
 CASES = [
     ("wrong transpose", "attention", attention_transposed_output, "shape", "FAIL",
@@ -267,4 +372,38 @@ CASES = [
      "backward never builds", "FAIL", ["materialised a tensor"]),
     ("Triton part written in torch", "triton_forward", triton_forward_in_torch, "shapes",
      "FORBIDDEN", ["must compute inside the kernel"]),
+    ("sys.exit in a graded function", "softmax", softmax_exits, "shape", "ERROR",
+     ["called sys.exit('done')", "would end the grading process"]),
+    ("os._exit in a graded function", "attention", attention_os_exit, "shape", "FORBIDDEN",
+     ["called os._exit()", "would end the grading process"]),
+    ("gradients turned off globally", "attention", attention_turns_gradients_off, "gradients",
+     "FAIL", ["does not require grad"]),
+    ("default dtype changed to float64", "rope_cos_sin", rope_cos_sin_float64_default,
+     "shapes and dtype", "FAIL", ["dtype torch.float64, expected torch.float32"]),
+    ("torch.softmax monkeypatched", "softmax", softmax_patches_torch, "random inputs", "FAIL",
+     ["softmax(x, dim=0)", "Normalise along the `dim` argument"]),
+    ("default device changed to meta", "attention", attention_on_meta_device, "shape", "ERROR",
+     ["raised"]),
+    ("timer disarmed", "flash_forward", flash_disarms_the_timer, "shapes", "FORBIDDEN",
+     ["signal.signal()", "time limit"]),
+    ("unbounded recursion", "softmax", softmax_recursive, "shape", "ERROR",
+     ["raised RecursionError"]),
+    ("causal mask replaces the mask", "attention", attention_causal_replaces_mask, "causal",
+     "FAIL", ["the causal mask alone", "is_causal=True"]),
+    ("mask replaces the causal flag", "attention", attention_mask_replaces_causal, "causal",
+     "FAIL", ["`mask` alone", "ignores is_causal"]),
+    ("split_heads is the course's", "split_heads", split_heads_from_course, "shape",
+     "FORBIDDEN", ["utils.attention.split_heads"]),
+    ("merge_heads calls the course's", "merge_heads", merge_heads_calls_course, "shape",
+     "FORBIDDEN", ["utils.attention.merge_heads"]),
+    ("keys ignore the offset", "apply_rope", apply_rope_keys_at_zero, "position offset",
+     "FAIL", ["rotated k", "k rotated at positions 0, 1, 2: the offset is ignored"]),
+    ("keys ignore the base", "apply_rope", apply_rope_keys_default_base, "base", "FAIL",
+     ["rotated k with base 500000", "k rotated with base 10000"]),
+    ("keys returned in float32", "apply_rope", apply_rope_keys_float32, "bfloat16", "FAIL",
+     ["k_rotated for bfloat16 k", "dtype torch.float32, expected torch.bfloat16"]),
+    ("flash lse in bfloat16", "flash_forward", flash_lse_in_input_dtype, "bfloat16", "FAIL",
+     ["lse for bfloat16 inputs has dtype torch.bfloat16, expected torch.float32"]),
+    ("MHA wrapping torch's", "multi_head_attention", MultiHeadAttentionWrapsTorch, "layers",
+     "FORBIDDEN", ["must not use torch.nn.MultiheadAttention"]),
 ]  # fmt: skip

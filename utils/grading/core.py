@@ -12,7 +12,12 @@ Learner code only ever runs through :meth:`Submission.call`, which
 * makes the part's forbidden functions raise (see :func:`forbid`),
 * watches every tensor it creates (a ``TorchDispatchMode``) and stops it when one exceeds the
   part's element budget (flash attention must never build the T x S matrix),
-* turns ``NotImplementedError`` and any other exception into a clear message.
+* makes the functions that would end or hijack the grading process raise (``os._exit``,
+  ``os.kill``, signal handlers, ``sys.settrace``: see :data:`PROCESS_FORBIDDEN`),
+* turns ``NotImplementedError``, ``sys.exit()`` and any other exception into a clear message,
+* puts torch's global state back as it was when the grader was imported
+  (:mod:`utils.grading.sandbox`), so nothing a call changes reaches the grader's references
+  or the next part.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import ctypes
 import enum
 import io
 import math
+import os
 import re
 import signal
 import sys
@@ -36,6 +42,8 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from utils.flash_attention import TensorMemoryTracker
+
+from .sandbox import PRISTINE, clean_torch
 
 
 class Status(str, enum.Enum):  # noqa: UP042 - StrEnum needs Python 3.11
@@ -166,6 +174,10 @@ class Part:
 # ---------------------------------------------------------------------------------------------
 
 
+# The time limit's own tools, saved before learner code can replace them (and while it runs,
+# PROCESS_FORBIDDEN makes the public names raise).
+_settrace, _signal, _setitimer = sys.settrace, signal.signal, signal.setitimer
+
 _PACKAGE_DIR = str(Path(__file__).resolve().parent)
 _LIBRARY_DIRS = tuple({sys.prefix, sys.base_prefix, sys.exec_prefix})
 
@@ -203,22 +215,22 @@ def time_limit(seconds: float) -> Iterator[None]:
         def handler(signum, frame):
             fired.append(True)
             if len(fired) > 1:  # the first one was swallowed: raise on every learner line
-                sys.settrace(_raise_on_every_line)
+                _settrace(_raise_on_every_line)
                 while frame is not None:
                     if _is_learner_code(frame):
                         frame.f_trace = _raise_on_every_line
                     frame = frame.f_back
             raise GradingTimeout
 
-        previous = signal.signal(signal.SIGALRM, handler)
-        signal.setitimer(signal.ITIMER_REAL, seconds, 0.5)
+        previous = _signal(signal.SIGALRM, handler)
+        _setitimer(signal.ITIMER_REAL, seconds, 0.5)
         try:
             yield
         finally:
-            signal.setitimer(signal.ITIMER_REAL, 0)
-            signal.signal(signal.SIGALRM, previous)
+            _setitimer(signal.ITIMER_REAL, 0)
+            _signal(signal.SIGALRM, previous)
             if fired:
-                sys.settrace(None)
+                _settrace(None)
         return
 
     target, done = threading.get_ident(), threading.Event()
@@ -239,14 +251,35 @@ def time_limit(seconds: float) -> Iterator[None]:
         done.set()
 
 
+_ENDS_THE_PROCESS = "would end the grading process: a graded function returns its result"
+_HIJACKS_THE_TIMER = "is the grader's: it enforces the time limit with it"
+PROCESS_FORBIDDEN: tuple[tuple[object, str, str], ...] = (
+    (os, "_exit", f"your code called os._exit(), which {_ENDS_THE_PROCESS}"),
+    (os, "abort", f"your code called os.abort(), which {_ENDS_THE_PROCESS}"),
+    (os, "kill", f"your code called os.kill(), which {_ENDS_THE_PROCESS}"),
+    (os, "killpg", f"your code called os.killpg(), which {_ENDS_THE_PROCESS}"),
+    *(
+        (
+            signal,
+            name,
+            f"your code called signal.{name}(): the signal handling {_HIJACKS_THE_TIMER}",
+        )
+        for name in ("signal", "setitimer", "alarm", "pthread_sigmask", "pthread_kill")
+    ),
+    (sys, "settrace", f"your code called sys.settrace(): the tracer {_HIJACKS_THE_TIMER}"),
+)
+"""Forbidden in every part: what would end the grading process or disarm the time limit."""
+
+
 @contextlib.contextmanager
 def forbid(
     forbidden: tuple[tuple[object, str, str], ...], namespaces: list[dict]
 ) -> Iterator[None]:
     """Make each ``owner.attribute`` raise :class:`ForbiddenCall`, both on its owner and
     wherever the learner's globals hold the same object (``from torch.nn.functional import
-    scaled_dot_product_attention`` binds a second name)."""
-    saved = []
+    scaled_dot_product_attention`` binds a second name). Yields ``{id(original): raiser}``,
+    so that a submission which *is* a forbidden object raises too."""
+    saved, swaps = [], {}
     for owner, attribute, message in forbidden:
         original = getattr(owner, attribute, None)
         if original is None:
@@ -256,6 +289,7 @@ def forbid(
             raise ForbiddenCall(_message)
 
         saved.append((owner, attribute, original))
+        swaps[id(original)] = raiser
         setattr(owner, attribute, raiser)
         for namespace in namespaces:
             for name, value in list(namespace.items()):
@@ -263,7 +297,7 @@ def forbid(
                     saved.append((namespace, name, original))
                     namespace[name] = raiser
     try:
-        yield
+        yield swaps
     finally:
         for owner, name, original in reversed(saved):
             if isinstance(owner, dict):
@@ -367,10 +401,17 @@ class Submission:
             with (
                 contextlib.redirect_stdout(out),
                 contextlib.redirect_stderr(out),
-                forbid(self.part.forbidden, namespaces),
+                forbid(PROCESS_FORBIDDEN + self.part.forbidden, namespaces) as swaps,
                 CallWatch(args, self.part.forbidden_ops, budget),
             ):
-                result = fn(*args, **kwargs)
+                result = swaps.get(id(fn), fn)(*args, **kwargs)
+        except SystemExit as error:
+            code = "" if error.code is None else repr(error.code)
+            raise Outcome(
+                Status.ERROR,
+                f"your `{self.part.entry}` called sys.exit({code}) or exit(), which "
+                f"{_ENDS_THE_PROCESS}{_where(error, self.obj)}",
+            ) from None
         except NotImplementedError as error:
             raise Outcome(
                 Status.NOT_IMPLEMENTED,
@@ -391,6 +432,7 @@ class Submission:
             ) from None
         finally:
             self.printed += out.total
+            PRISTINE.restore()  # nothing the call changed in torch reaches the grader
         for index, (arg, original) in enumerate(zip(args, originals, strict=True)):
             if original is not None and not _same(arg.detach(), original):
                 name = names[index] if index < len(names) else f"argument {index + 1}"
@@ -430,34 +472,42 @@ def _warm_up() -> None:
         torch.autograd.grad((torch.softmax(x @ x, -1) * x.exp()).sum(), x)
 
 
+def _run_test(test: Test, submission: Submission, timeout: float) -> tuple[Status, str]:
+    try:
+        with time_limit(timeout):
+            test.run(submission)
+    except Outcome as outcome:
+        return outcome.status, outcome.message
+    except GradingTimeout:
+        return Status.TIMEOUT, (
+            f"stopped after {timeout:g} s: an infinite loop, or far too much work "
+            "(a Python loop over single elements instead of tiles?)"
+        )
+    except KeyboardInterrupt:
+        return Status.TIMEOUT, "interrupted (Ctrl-C, or the command-line grader's time limit)"
+    except (Exception, SystemExit) as error:  # a bug in the check itself: say so, never crash
+        return Status.ERROR, f"the grader failed while checking: {type(error).__name__}: {error}"
+    return Status.PASS, ""
+
+
 def run_part(part: Part, obj: object) -> PartResult:
-    """Grade ``obj`` as ``part``: run the tests in order, stop at the first that fails."""
-    _warm_up()
+    """Grade ``obj`` as ``part``: run the tests in order, stop at the first that fails.
+
+    The part runs on the torch state the grader was imported with, whatever earlier cells or
+    parts changed; the caller gets its own state back afterwards."""
     result = PartResult(part.name, part.title)
     submission = Submission(part, obj)
     stopped = False
-    for test in part.tests:
-        if stopped:
-            result.tests.append(TestResult(test.name, Status.SKIPPED, 0, test.points, NOT_RUN))
-            continue
-        status, message = Status.PASS, ""
-        try:
-            with time_limit(part.timeout):
-                test.run(submission)
-        except Outcome as outcome:
-            status, message = outcome.status, outcome.message
-        except GradingTimeout:
-            status = Status.TIMEOUT
-            message = (
-                f"stopped after {part.timeout:g} s: an infinite loop, or far too much work "
-                "(a Python loop over single elements instead of tiles?)"
-            )
-        except Exception as error:  # a bug in the check itself: say so, never crash
-            status = Status.ERROR
-            message = f"the grader failed while checking: {type(error).__name__}: {error}"
-        points = test.points if status is Status.PASS else 0
-        result.tests.append(TestResult(test.name, status, points, test.points, message))
-        stopped = status is not Status.PASS
+    with clean_torch():
+        _warm_up()
+        for test in part.tests:
+            if stopped:
+                result.tests.append(TestResult(test.name, Status.SKIPPED, 0, test.points, NOT_RUN))
+                continue
+            status, message = _run_test(test, submission, part.timeout)
+            points = test.points if status is Status.PASS else 0
+            result.tests.append(TestResult(test.name, status, points, test.points, message))
+            stopped = status is not Status.PASS
     return result
 
 

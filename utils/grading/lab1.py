@@ -1,6 +1,7 @@
 """Lab 1, attention: softmax, scaled dot-product attention, split/merge heads, multi-head
-attention. References: torch.softmax and torch.nn.MultiheadAttention in float64,
-:mod:`utils.attention` in float64, closed forms for the hand-sized examples.
+attention. References: torch.softmax and torch.nn.MultiheadAttention in float64, the
+grader's float64 attention (:mod:`utils.grading.reference`), closed forms for the hand-sized
+examples; each computed before the learner's code runs.
 
 Tolerances: float32 atol=1e-5 (rtol=1e-5) against float64; bfloat16 atol=2e-2 (8-bit mantissa,
 outputs of size ~1).
@@ -14,6 +15,7 @@ import torch
 
 import utils.attention as attention_ref
 
+from . import reference as ref
 from .core import (
     TORCH_SDPA_FORBIDDEN,
     Part,
@@ -69,15 +71,16 @@ def softmax_tests() -> list[Test]:
             "softmax([[1, 2, 3], [0, 0, 0]], dim=-1)",
             **F32,
             hint=SOFTMAX_HINT,
-            diagnoses={"a softmax over dim 0 instead of `dim`": torch.softmax(x.double(), 0)},
+            diagnoses={"a softmax over dim 0 instead of `dim`": ref.softmax(x, 0)},
         )
 
     def random_dims(sub):
         x = random_tensor(4, 5, 6, seed=4)
         for dim in (-1, 0, 1):
+            expected = ref.softmax(x, dim)
             expect_close(
                 _softmax_call(sub, x.float(), dim),
-                torch.softmax(x, dim),
+                expected,
                 f"softmax(x, dim={dim}) for random x of shape (4, 5, 6)",
                 **F32,
                 hint="Normalise along the `dim` argument, not always the last axis.",
@@ -85,19 +88,21 @@ def softmax_tests() -> list[Test]:
 
     def large(sub):
         x = torch.tensor([[1000.0, 1001.0, 1002.0], [-1000.0, -1001.0, -1002.0]])
+        expected = ref.softmax(x, -1)
         got = _softmax_call(sub, x)
         expect_finite(
             got,
             "softmax of scores near +-1000",
             hint="exp(1000) overflows: subtract the row maximum before exp.",
         )
-        expect_close(got, torch.softmax(x.double(), -1), "softmax of scores near +-1000", **F32)
+        expect_close(got, expected, "softmax of scores near +-1000", **F32)
 
     def minus_inf(sub):
         x = torch.tensor([[0.0, -math.inf, 1.0], [2.0, 2.0, -math.inf]])
+        expected = ref.softmax(x, -1)
         expect_close(
             _softmax_call(sub, x),
-            torch.softmax(x.double(), -1),
+            expected,
             "softmax of rows containing -inf (masked scores)",
             **F32,
             hint="A -inf score must get weight exactly 0.",
@@ -105,9 +110,10 @@ def softmax_tests() -> list[Test]:
 
     def bfloat16(sub):
         x = random_tensor(6, 10, seed=5, dtype=torch.bfloat16)
+        expected = ref.softmax(x, -1)
         got = _softmax_call(sub, x)
         expect_dtype_device(got, x, "softmax(x) for bfloat16 x")
-        expect_close(got, torch.softmax(x.double(), -1), "bfloat16 softmax", **BF16)
+        expect_close(got, expected, "bfloat16 softmax", **BF16)
 
     return [
         Test("signature: a function", 0, signature),
@@ -128,9 +134,7 @@ ATTENTION_HINT = "out = softmax(q k^T / sqrt(D) + mask) v, softmax over the keys
 
 
 def _reference(q, k, v, mask=None, is_causal=False):
-    return attention_ref.scaled_dot_product_attention(
-        q.double(), k.double(), v.double(), mask, is_causal=is_causal
-    )
+    return ref.attention(q, k, v, mask, is_causal)
 
 
 def _wrong_answers(q, k, v, mask=None, is_causal=False) -> dict:
@@ -138,8 +142,8 @@ def _wrong_answers(q, k, v, mask=None, is_causal=False) -> dict:
     scores = q @ k.transpose(-2, -1)
     answers = {
         "attention without the 1/sqrt(D) scale": _reference(q * math.sqrt(q.shape[-1]), k, v),
-        "a softmax over the queries (dim=-2) instead of the keys": torch.softmax(
-            scores / math.sqrt(q.shape[-1]), dim=-2
+        "a softmax over the queries (dim=-2) instead of the keys": ref.softmax(
+            scores / math.sqrt(q.shape[-1]), -2
         )
         @ v,
     }
@@ -209,35 +213,38 @@ def attention_tests() -> list[Test]:
     def random(sub):
         for seed, (t, s) in enumerate(((5, 7), (16, 16), (9, 4))):
             q, k, v = _qkv(t, s, seed=10 * seed)
+            expected, wrong = _reference(q, k, v), _wrong_answers(q, k, v)
             expect_close(
                 _attention_call(sub, q, k, v),
-                _reference(q, k, v),
+                expected,
                 f"attention for random q, k, v with T={t}, S={s} (float64 reference)",
                 **F32,
                 hint=ATTENTION_HINT,
-                diagnoses=_wrong_answers(q, k, v),
+                diagnoses=wrong,
             )
 
     def bool_mask(sub):
         q, k, v = _qkv(6, 7, seed=20)
         mask = torch.rand(6, 7, generator=torch.Generator().manual_seed(0)) > 0.4
         mask[:, 0] = True  # every query keeps at least one key
+        expected, wrong = _reference(q, k, v, mask), _wrong_answers(q, k, v, mask)
         expect_close(
             _attention_call(sub, q, k, v, mask),
-            _reference(q, k, v, mask),
+            expected,
             "attention with a boolean (T, S) mask, True = may attend",
             **F32,
             hint="Masked scores become -inf before the softmax.",
-            diagnoses=_wrong_answers(q, k, v, mask),
+            diagnoses=wrong,
         )
 
     def float_mask(sub):
         q, k, v = _qkv(6, 7, seed=30)
         bias = random_tensor(1, 3, 6, 7, seed=31, dtype=torch.float32)
         bias[..., 2] = -math.inf
+        expected = _reference(q, k, v, bias)
         expect_close(
             _attention_call(sub, q, k, v, bias),
-            _reference(q, k, v, bias),
+            expected,
             "attention with an additive float mask of shape (1, H, T, S) (with -inf entries)",
             **F32,
             hint="A float mask is added to the scaled scores (after the 1/sqrt(D) scale).",
@@ -246,13 +253,36 @@ def attention_tests() -> list[Test]:
     def causal(sub):
         for t, s in ((7, 7), (3, 7)):
             q, k, v = _qkv(t, s, seed=40 + t)
+            expected, wrong = _reference(q, k, v, None, True), _wrong_answers(q, k, v, None, True)
             expect_close(
                 _attention_call(sub, q, k, v, is_causal=True),
-                _reference(q, k, v, is_causal=True),
+                expected,
                 f"causal attention with T={t}, S={s}",
                 **F32,
                 hint="Causal masks are aligned to the bottom right: query i sees keys 0..S-T+i.",
-                diagnoses=_wrong_answers(q, k, v, is_causal=True),
+                diagnoses=wrong,
+            )
+        keep = torch.rand(6, 6, generator=torch.Generator().manual_seed(2)) > 0.4
+        keep[:, 0] = True
+        bias = random_tensor(1, 3, 3, 6, seed=45, dtype=torch.float32)
+        for (t, s), mask, kind in (((6, 6), keep, "a boolean"), ((3, 6), bias, "a float")):
+            q, k, v = _qkv(t, s, seed=46 + t)
+            expected = _reference(q, k, v, mask, True)
+            wrong = {
+                "the causal mask alone: with is_causal=True your code drops `mask`": _reference(
+                    q, k, v, None, True
+                ),
+                "`mask` alone: your code ignores is_causal when a mask is given": _reference(
+                    q, k, v, mask
+                ),
+            }
+            expect_close(
+                _attention_call(sub, q, k, v, mask, is_causal=True),
+                expected,
+                f"attention with {kind} mask and is_causal=True (T={t}, S={s})",
+                **F32,
+                hint="With both, a key is hidden when the mask hides it *or* it is in the future.",
+                diagnoses=wrong,
             )
 
     def gradients(sub):
@@ -265,9 +295,9 @@ def attention_tests() -> list[Test]:
                 fail("attention's output does not require grad: do not detach or use .data")
             return torch.autograd.grad(out, (q, k, v), grad_out, allow_unused=True)
 
-        got = sub.call(q, k, v, fn=forward_backward, names=("q", "k", "v"))
         inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
         expected = torch.autograd.grad(_reference(*inputs), inputs, grad_out.double())
+        got = sub.call(q, k, v, fn=forward_backward, names=("q", "k", "v"))
         for name, g, e in zip("qkv", got, expected, strict=True):
             if g is None:
                 fail(f"the output does not depend on {name} through autograd")
@@ -276,15 +306,17 @@ def attention_tests() -> list[Test]:
     def large(sub):
         q, k = (large_score_tensor(2, 3, 6, 16, seed=60 + i, magnitude=16) for i in range(2))
         v = random_tensor(2, 3, 6, 16, seed=62, dtype=torch.float32)
+        expected = _reference(q, k, v)
         got = _attention_call(sub, q, k, v)
         expect_finite(got, "attention for scores up to 1024", "Use a numerically stable softmax.")
-        expect_close(got, _reference(q, k, v), "attention for scores up to 1024", **F32)
+        expect_close(got, expected, "attention for scores up to 1024", **F32)
 
     def bfloat16(sub):
         q, k, v = _qkv(6, 7, seed=70, dtype=torch.bfloat16)
+        expected = _reference(q, k, v, is_causal=True)
         got = _attention_call(sub, q, k, v, is_causal=True)
         expect_dtype_device(got, q, "attention's output for bfloat16 inputs")
-        expect_close(got, _reference(q, k, v, is_causal=True), "bfloat16 attention", **BF16)
+        expect_close(got, expected, "bfloat16 attention", **BF16)
 
     return [
         Test("signature: a function", 0, signature),
@@ -295,7 +327,7 @@ def attention_tests() -> list[Test]:
         Test("random inputs (float64 reference)", 2, random),
         Test("boolean mask (True = attend)", 2, bool_mask),
         Test("additive float mask", 1, float_mask),
-        Test("causal, T = S and T < S", 2, causal),
+        Test("causal, T = S and T < S, and with a mask too", 2, causal),
         Test("gradients", 1, gradients),
         Test("large scores", 1, large),
         Test("bfloat16 (atol 2e-2)", 1, bfloat16),
@@ -450,9 +482,9 @@ def mha_tests() -> list[Test]:
     def masks(sub):
         module = _build(sub)
         x = random_tensor(2, 6, 16, seed=92, dtype=torch.float32)
-        ref = _torch_mha(module, 16, 4, 16)
-        causal = attention_ref.causal_mask(6, 6)
-        expected, _ = ref(x.double(), x.double(), x.double(), attn_mask=~causal)
+        torch_mha = _torch_mha(module, 16, 4, 16)
+        causal = ref.causal_keep(6, 6)
+        expected, _ = torch_mha(x.double(), x.double(), x.double(), attn_mask=~causal)
         expect_close(
             _mha_forward(sub, module, x, is_causal=True),
             expected,
@@ -461,7 +493,7 @@ def mha_tests() -> list[Test]:
         )
         keep = torch.rand(6, 6, generator=torch.Generator().manual_seed(1)) > 0.3
         keep[:, 0] = True
-        expected, _ = ref(x.double(), x.double(), x.double(), attn_mask=~keep)
+        expected, _ = torch_mha(x.double(), x.double(), x.double(), attn_mask=~keep)
         expect_close(
             _mha_forward(sub, module, x, attn_mask=keep),
             expected,
@@ -492,12 +524,29 @@ def mha_tests() -> list[Test]:
     ]
 
 
-SDPA_FORBIDDEN = (
-    TORCH_SDPA_FORBIDDEN,
-    (
+def _course_reference(name: str) -> tuple[object, str, str]:
+    return (
         attention_ref,
-        "scaled_dot_product_attention",
-        "this part must not call utils.attention's scaled_dot_product_attention: write it yourself",
+        name,
+        f"this part must not call the course's reference utils.attention.{name}: write it yourself",
+    )
+
+
+SDPA_FORBIDDEN = (TORCH_SDPA_FORBIDDEN, _course_reference("scaled_dot_product_attention"))
+HEADS_FORBIDDEN = (_course_reference("split_heads"), _course_reference("merge_heads"))
+MHA_FORBIDDEN = (
+    *SDPA_FORBIDDEN[1:],
+    *HEADS_FORBIDDEN,
+    _course_reference("MultiHeadAttention"),
+    (
+        torch.nn,
+        "MultiheadAttention",
+        "this part must not use torch.nn.MultiheadAttention: the check compares against it",
+    ),
+    (
+        torch.nn.functional,
+        "multi_head_attention_forward",
+        "this part must not call torch's multi_head_attention_forward: write it yourself",
     ),
 )
 SDPA_OPS = (
@@ -524,14 +573,26 @@ PARTS = [
         forbidden=SDPA_FORBIDDEN,
         forbidden_ops=SDPA_OPS,
     ),
-    Part("split_heads", "Splitting heads", "split_heads", split_heads_tests()),
-    Part("merge_heads", "Merging heads", "merge_heads", merge_heads_tests()),
+    Part(
+        "split_heads",
+        "Splitting heads",
+        "split_heads",
+        split_heads_tests(),
+        forbidden=HEADS_FORBIDDEN,
+    ),
+    Part(
+        "merge_heads",
+        "Merging heads",
+        "merge_heads",
+        merge_heads_tests(),
+        forbidden=HEADS_FORBIDDEN,
+    ),
     Part(
         "multi_head_attention",
         "Multi-head attention",
         "MultiHeadAttention",
         mha_tests(),
-        forbidden=SDPA_FORBIDDEN[1:],
+        forbidden=MHA_FORBIDDEN,
         kind="class",
     ),
 ]

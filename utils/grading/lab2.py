@@ -32,6 +32,7 @@ from .core import (
 )
 
 F32 = dict(atol=1e-5, rtol=1e-5)
+FLOAT32 = torch.zeros(0, dtype=torch.float32)  # "like" this: float32 on the CPU
 
 
 def _pairs(x: torch.Tensor, interleaved: bool) -> torch.Tensor:
@@ -107,9 +108,10 @@ def rotate_tests(interleaved: bool) -> list[Test]:
 
     def random(sub):
         x = random_tensor(2, 3, 5, 8, seed=2, dtype=torch.float32)
+        want = expected(x)
         expect_close(
             call(sub, x),
-            expected(x),
+            want,
             f"{entry} of random x (2, 3, 5, 8)",
             atol=0,
             hint=hint,
@@ -142,7 +144,7 @@ def cos_sin_tests() -> list[Test]:
         cos, sin = call(sub, torch.arange(5), 8)
         for name, x in (("cos", cos), ("sin", sin)):
             expect_shape(x, (5, 8), f"{name} for 5 positions and head_dim 8")
-            expect_dtype_device(x, torch.zeros(0), f"{name} (float32 whatever the positions)")
+            expect_dtype_device(x, FLOAT32, f"{name} (float32 whatever the positions)")
 
     def hand(sub):
         for interleaved in (False, True):
@@ -160,9 +162,9 @@ def cos_sin_tests() -> list[Test]:
     def random(sub):
         positions = torch.tensor([0, 3, 17, 42, 99])
         for interleaved in (False, True):
-            cos, sin = call(sub, positions, 16, interleaved=interleaved)
             exp_cos, exp_sin = expected(positions, 16, 10000.0, interleaved)
             wrong = expected(positions, 16, 10000.0, not interleaved)
+            cos, sin = call(sub, positions, 16, interleaved=interleaved)
             diag = {"the other layout: the interleaved flag is ignored or swapped": wrong[0]}
             expect_close(cos, exp_cos, f"cos (interleaved={interleaved})", **F32, diagnoses=diag)
             expect_close(sin, exp_sin, f"sin (interleaved={interleaved})", **F32)
@@ -213,58 +215,56 @@ def apply_rope_tests() -> list[Test]:
     def layouts(sub):
         q, k = qk(seed=10)
         for interleaved in (False, True):
-            got_q, got_k = call(sub, q, k, interleaved=interleaved)
-            diag = {
-                "RoPE with the pairs mixed up (the other layout)": rope_reference(
-                    q, 0, 10000.0, not interleaved
+            expected = [rope_reference(x, 0, 10000.0, interleaved) for x in (q, k)]
+            mixed = [rope_reference(x, 0, 10000.0, not interleaved) for x in (q, k)]
+            got = call(sub, q, k, interleaved=interleaved)
+            for name, g, e, wrong in zip("qk", got, expected, mixed, strict=True):
+                expect_close(
+                    g,
+                    e,
+                    f"rotated {name} (interleaved={interleaved})",
+                    **F32,
+                    diagnoses={"RoPE with the pairs mixed up (the other layout)": wrong},
                 )
-            }
-            expect_close(
-                got_q,
-                rope_reference(q, 0, 10000.0, interleaved),
-                f"rotated q (interleaved={interleaved})",
-                **F32,
-                diagnoses=diag,
-            )
-            expect_close(
-                got_k,
-                rope_reference(k, 0, 10000.0, interleaved),
-                f"rotated k (interleaved={interleaved})",
-                **F32,
-            )
 
     def offset(sub):
         q, k = qk(t=3, seed=20)
-        got_q, _ = call(sub, q, k, offset=5)
-        expect_close(
-            got_q,
-            rope_reference(q, 5, 10000.0, False),
-            "apply_rope(q, k, offset=5): rows are at positions 5, 6, 7",
-            **F32,
-            hint="With a KV cache, new tokens start at position `offset`, not 0.",
-            diagnoses={
-                "RoPE at positions 0, 1, 2: the offset is ignored": rope_reference(
-                    q, 0, 10000.0, False
-                )
-            },
-        )
+        expected = [rope_reference(x, 5, 10000.0, False) for x in (q, k)]
+        ignored = [rope_reference(x, 0, 10000.0, False) for x in (q, k)]
+        got = call(sub, q, k, offset=5)
+        for name, g, e, wrong in zip("qk", got, expected, ignored, strict=True):
+            expect_close(
+                g,
+                e,
+                f"rotated {name} of apply_rope(q, k, offset=5): rows are at positions 5, 6, 7",
+                **F32,
+                hint="With a KV cache, new tokens start at position `offset`, not 0: rotate "
+                "both q and k by offset + t.",
+                diagnoses={f"{name} rotated at positions 0, 1, 2: the offset is ignored": wrong},
+            )
 
     def base(sub):
         q, k = qk(seed=30)
-        got_q, _ = call(sub, q, k, offset=2, base=500000.0)
-        expect_close(
-            got_q,
-            rope_reference(q, 2, 500000.0, False),
-            "RoPE with base 500000",
-            **F32,
-            hint="`base` sets theta_i = base^(-2i/D).",
-        )
+        expected = [rope_reference(x, 2, 500000.0, False) for x in (q, k)]
+        default = [rope_reference(x, 2, 10000.0, False) for x in (q, k)]
+        got = call(sub, q, k, offset=2, base=500000.0)
+        for name, g, e, wrong in zip("qk", got, expected, default, strict=True):
+            expect_close(
+                g,
+                e,
+                f"rotated {name} with base 500000",
+                **F32,
+                hint="`base` sets theta_i = base^(-2i/D), for q and for k.",
+                diagnoses={f"{name} rotated with base 10000: `base` is not passed on": wrong},
+            )
 
     def bfloat16(sub):
         q, k = qk(seed=40, dtype=torch.bfloat16)
-        got_q, _ = call(sub, q, k, offset=3)
-        expect_dtype_device(got_q, q, "q_rotated for bfloat16 q")
-        expect_close(got_q, rope_reference(q, 3, 10000.0, False), "bfloat16 RoPE", atol=3e-2)
+        expected = [rope_reference(x, 3, 10000.0, False) for x in (q, k)]
+        got = call(sub, q, k, offset=3)
+        for name, g, e, x in zip("qk", got, expected, (q, k), strict=True):
+            expect_dtype_device(g, x, f"{name}_rotated for bfloat16 {name}")
+            expect_close(g, e, f"bfloat16 RoPE of {name}", atol=3e-2)
 
     return [
         Test("signature: a function", 0, signature),
@@ -310,9 +310,10 @@ def scores_tests() -> list[Test]:
     def values(sub):
         qp, kp = torch.arange(10), torch.arange(12)
         for interleaved in (False, True):
+            want = closed_form(q, k, qp, kp, interleaved)
             expect_close(
                 call(sub, q, k, qp, kp, interleaved),
-                closed_form(q, k, qp, kp, interleaved),
+                want,
                 f"scores <RoPE(q, m), RoPE(k, n)> (interleaved={interleaved})",
                 **F32,
                 hint="Rotate q to each query position and k to each key position, then take "

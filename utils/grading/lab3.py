@@ -1,8 +1,8 @@
 """Lab 3, flash-style attention: online softmax, the tiled forward pass, the backward pass by
 recomputation, and the forward pass as a Triton kernel.
 
-References: float64 attention from :mod:`utils.attention`, torch.softmax and
-torch.logsumexp in float64, autograd through the float64 reference for gradients.
+References: the grader's float64 attention and log-sum-exp (:mod:`utils.grading.reference`),
+torch.softmax in float64, autograd through the float64 reference for gradients.
 What makes a part flash-style is checked too: scaled_dot_product_attention and the
 :mod:`utils.flash_attention` reference raise while learner code runs, and a call on N = 1024
 may not create any tensor bigger than a few times the inputs (the 1024 x 1024 score matrix
@@ -21,6 +21,7 @@ import torch
 import utils.attention as attention_ref
 import utils.flash_attention as flash_ref
 
+from . import reference as ref
 from .core import (
     TORCH_SDPA_FORBIDDEN,
     Part,
@@ -46,13 +47,7 @@ RESCALE_HINT = (
 
 def reference(q, k, v, is_causal=False):
     """float64 (out, lse) by the textbook formula (builds T x S: fine for the grader)."""
-    q, k, v = q.double(), k.double(), v.double()
-    out = attention_ref.scaled_dot_product_attention(q, k, v, is_causal=is_causal)
-    scores = q @ k.transpose(-2, -1) / math.sqrt(q.shape[-1])
-    if is_causal:
-        keep = attention_ref.causal_mask(q.shape[-2], k.shape[-2])
-        scores = scores.masked_fill(~keep, -math.inf)
-    return out, torch.logsumexp(scores, dim=-1)
+    return ref.attention_lse(q, k, v, is_causal)
 
 
 def qkv(t, s, d=16, seed=0, dtype=torch.float32, b=2, h=3):
@@ -239,9 +234,17 @@ def forward_tests(entry: str, extra: bool = True) -> list[Test]:
 
     def bfloat16(sub):
         q, k, v = qkv(64, 64, seed=90, dtype=torch.bfloat16)
-        out, _ = call(sub, q, k, v, is_causal=True, bq=32, bk=32)
+        ref_out, ref_lse = reference(q, k, v, True)
+        out, lse = call(sub, q, k, v, is_causal=True, bq=32, bk=32)
         expect_dtype_device(out, q, "out for bfloat16 inputs")
-        expect_close(out, reference(q, k, v, True)[0], "bfloat16 out", atol=2e-2)
+        if lse.dtype != torch.float32:
+            fail(
+                f"lse for bfloat16 inputs has dtype {lse.dtype}, expected torch.float32: keep "
+                "the running max and sum in float32 whatever the input dtype (the backward "
+                "pass needs exp(s - lse) to float32 accuracy)"
+            )
+        expect_close(out, ref_out, "bfloat16 out", atol=2e-2)
+        expect_close(lse, ref_lse, "lse for bfloat16 inputs (float32 statistics)", atol=1e-4)
 
     tests = [
         Test("signature: a function", 0, signature),
@@ -287,7 +290,7 @@ def backward_tests() -> list[Test]:
         if not check:
             return
         inputs = [x.detach().double().requires_grad_() for x in (q, k, v)]
-        out = attention_ref.scaled_dot_product_attention(*inputs, is_causal=is_causal)
+        out = ref.attention(*inputs, is_causal=is_causal)
         expected = torch.autograd.grad(out, inputs, grad_out.double())
         for name, g, e in zip(("dq", "dk", "dv"), got, expected, strict=True):
             expect_tensor(g, name)
