@@ -1,6 +1,6 @@
-"""Instructor mode: a folder of lab-2 submissions, solved, shipped, hostile (ends its kernel,
-calls os._exit, loops ignoring interrupts, allocates beyond the memory limit, has its
-self-checks deleted and `check` redefined, is not a notebook), all copied away from the
+"""Instructor mode: a folder of lab-2 submissions, solved, shipped, hostile (calls os._exit
+with its self-checks deleted and `check` redefined, kills its kernel, loops ignoring
+interrupts, allocates beyond the memory limit, is not a notebook), all copied away from the
 course, graded with `python -m utils.grading --batch` in one run: every one gets a row, a
 JSON report and the intended score, within the stated limits."""
 
@@ -19,7 +19,7 @@ from utils.grading import LABS
 
 ROOT = Path(__file__).resolve().parents[1]
 FULL = sum(p.max_score for p in LABS["lab2_rope"])
-TIME_LIMIT, CELL_TIMEOUT, MEMORY_MB = 120, 3, 3072
+TIME_LIMIT, CELL_TIMEOUT, MEMORY_MB = 120, 10, 3072
 
 
 def _with_cell(source: str, after: int = 2) -> nbformat.NotebookNode:
@@ -28,8 +28,9 @@ def _with_cell(source: str, after: int = 2) -> nbformat.NotebookNode:
     return nb
 
 
-def _without_checks() -> nbformat.NotebookNode:
-    nb = nbformat.read(ROOT / "solutions" / "lab2_rope.ipynb", as_version=4)
+def _exits_without_checks() -> nbformat.NotebookNode:
+    """Calls os._exit in a cell, deleted its self-check cells and redefined `check`."""
+    nb = _with_cell("import os\nos._exit(1)")
     nb.cells = [c for c in nb.cells if not c.source.startswith("check(")]
     nb.cells.append(nbformat.v4.new_code_cell("def check(*args):\n    print('27 / 27 points')"))
     return nb
@@ -39,14 +40,13 @@ SUBMISSIONS = {  # file name -> (notebook, status, score)
     "alice_lab2_rope.ipynb": (nbformat.read(ROOT / "solutions" / "lab2_rope.ipynb", 4),
                               "graded", FULL),
     "bob_lab2_rope.ipynb": (nbformat.read(ROOT / "labs" / "lab2_rope.ipynb", 4), "graded", 0),
-    "carol_lab2_rope.ipynb": (_with_cell("import os\nos._exit(1)"), "graded", FULL),
+    "carol/lab2_rope.ipynb": (_exits_without_checks(), "graded", FULL),
     "dave_lab2_rope.ipynb": (
         _with_cell("import os, signal\nos.kill(os.getpid(), signal.SIGKILL)"), "graded", FULL),
     "erin_lab2_rope.ipynb": (_with_cell(
         "import signal\nsignal.signal(signal.SIGINT, signal.SIG_IGN)\nwhile True:\n    pass"),
         "graded", FULL),
     "frank_lab2_rope.ipynb": (_with_cell("hog = torch.ones(2**31)  # 8 GiB"), "graded", FULL),
-    "grace/lab2_rope.ipynb": (_without_checks(), "graded", FULL),
 }  # fmt: skip
 
 
@@ -82,7 +82,7 @@ def test_every_submission_gets_a_row_and_its_score(batch):
     assert "cannot read heidi_lab2_rope.ipynb as a notebook" in rows["heidi"]["message"]
     assert rows["alice"]["apply_rope"] == "9" and rows["bob"]["apply_rope"] == "0"
     assert seconds < TIME_LIMIT * len(expected) / 2
-    assert "8/8" in result.stderr and "alice" in result.stdout  # progress bar, summary table
+    assert "7/7" in result.stderr and "alice" in result.stdout  # progress bar, summary table
 
 
 def test_hostile_cells_are_recorded(batch):
@@ -96,7 +96,7 @@ def test_hostile_cells_are_recorded(batch):
     assert any("KernelDied: this cell ended the kernel" in e for e in errors("dave"))
     assert any(f"ran past {CELL_TIMEOUT} s and ignored the interrupt" in e for e in errors("erin"))
     assert any("allocate" in e or "MemoryError" in e for e in errors("frank"))
-    assert errors("grace") == []
+    assert errors("alice") == []
 
 
 def test_junit_report(batch):
