@@ -88,6 +88,7 @@ class _Run:
             error_on_timeout={"ename": "CellTimeout", "evalue": "", "traceback": []},
             resources={"metadata": {"path": str(folder)}},
             shutdown_kernel="immediate",
+            iopub_timeout=2,
         )
 
     def execute(self, source: str, timeout: int) -> tuple[dict, bool]:
