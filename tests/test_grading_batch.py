@@ -109,3 +109,27 @@ def test_junit_report(batch):
     assert int(suites["alice"].get("tests")) > 20 and suites["alice"].get("failures") == "0"
     assert int(suites["bob"].get("errors")) == 5  # one NOT IMPLEMENTED per part
     assert suites["heidi"].find("testcase/error") is not None
+
+
+def test_wall_time_limit_kills_the_submission_and_its_kernel(tmp_path):
+    from utils.grading.batch import grade_one
+
+    notebook = tmp_path / "lab2_rope.ipynb"
+    nbformat.write(_with_cell("import time\ntime.sleep(600)"), notebook)
+    start = time.perf_counter()
+    record = grade_one(notebook, tmp_path / "r.json", time_limit=8, memory_mb=MEMORY_MB,
+                       cell_timeout=600, lab=None)  # fmt: skip
+    assert time.perf_counter() - start < 20
+    assert record["status"] == "killed" and record["score"] == 0 and record["max_score"] == FULL
+    assert "wall-time limit of 8 s" in record["message"]
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "killed"
+    time.sleep(0.5)
+    left = [p for p in Path("/proc").glob("[0-9]*/cwd") if _cwd(p) == str(tmp_path)]
+    assert left == [], "the submission's kernel outlived the limit"
+
+
+def _cwd(link: Path) -> str:
+    try:
+        return str(link.readlink())
+    except OSError:
+        return ""

@@ -12,6 +12,7 @@ run: the message says why) or ``killed`` (time or memory limit).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import os
@@ -39,6 +40,33 @@ def student_of(notebook: Path, folder: Path) -> str:
     return name or relative.stem
 
 
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (Jupyter starts kernels in their own session, so a
+    process group does not hold them), read from /proc."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    found, todo = [], [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.append(child)
+            todo.append(child)
+    return found
+
+
+def _kill_tree(pid: int) -> None:
+    """Stop ``pid`` first (it cannot start another kernel meanwhile), then kill it and all
+    its descendants."""
+    os.kill(pid, signal.SIGSTOP)
+    for process in [*_descendants(pid), pid]:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(process, signal.SIGKILL)
+
+
 def _limits(memory_bytes: int):
     def apply() -> None:
         resource.setrlimit(resource.RLIMIT_AS, (memory_bytes, memory_bytes))
@@ -54,23 +82,24 @@ def grade_one(
     command = [sys.executable, "-m", "utils.grading", str(notebook), "--report", str(report),
                "--cell-timeout", str(cell_timeout)] + (["--lab", lab] if lab else [])  # fmt: skip
     report.unlink(missing_ok=True)
+    log = report.with_suffix(".log")
     start = time.perf_counter()
-    process = subprocess.Popen(
-        command,
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        start_new_session=True,  # its kernel joins the group: one killpg ends both
-        preexec_fn=_limits(memory_mb * 2**20),
-    )
-    try:
-        _, stderr = process.communicate(timeout=time_limit)
-        status, message = "graded", ""
-    except subprocess.TimeoutExpired:
-        os.killpg(process.pid, signal.SIGKILL)
-        _, stderr = process.communicate()
-        status, message = "killed", f"stopped at the wall-time limit of {time_limit:g} s"
+    with log.open("w") as output:  # a file, not a pipe: a stray kernel cannot hold it open
+        process = subprocess.Popen(
+            command,
+            cwd=ROOT,
+            stdout=output,
+            stderr=output,
+            preexec_fn=_limits(memory_mb * 2**20),
+        )
+        try:
+            process.wait(timeout=time_limit)
+            status, message = "graded", ""
+        except subprocess.TimeoutExpired:
+            _kill_tree(process.pid)  # the grader and its kernel
+            process.wait()
+            status, message = "killed", f"stopped at the wall-time limit of {time_limit:g} s"
+    stderr = log.read_text(errors="replace")
     seconds = round(time.perf_counter() - start, 1)
     result = json.loads(report.read_text()) if status == "graded" and report.is_file() else {}
     if status == "graded" and not result:
@@ -80,6 +109,8 @@ def grade_one(
         message = lines[-1] if lines else (stderr.strip().splitlines() or ["no report"])[-1]
         if killed:
             message = f"ended by signal or memory limit ({memory_mb} MiB): {message}"
+    guess = next((name for name in LABS if name in notebook.stem), None)
+    result.setdefault("lab", lab or guess)
     result.update(notebook=str(notebook), status=status, message=message, seconds=seconds)
     result.setdefault("score", 0)
     result.setdefault("max_score", sum(p.max_score for p in LABS.get(result.get("lab"), [])))
