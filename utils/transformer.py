@@ -695,9 +695,13 @@ class T5(nn.Module):
                 self.decoder, kv_caches or [None] * len(self.decoder), strict=True
             ):
                 x = block(
-                    x, memory, self_attn_mask=bias, key_mask=key_mask, memory_mask=memory_mask,
+                    x,
+                    memory,
+                    self_attn_mask=bias,
+                    key_mask=key_mask,
+                    memory_mask=memory_mask,
                     kv_cache=cache,
-                )  # fmt: skip
+                )
         x = self.drop(self.decoder_norm(x))
         if self.config.scale_decoder_outputs:
             x = x * self.config.n_embd**-0.5

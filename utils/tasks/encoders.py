@@ -132,8 +132,11 @@ def frozen_prefix_states(
     try:
         return _in_length_chunks(
             lambda mask, ids, segments: encode(bert, ids, mask, segments),
-            attention_mask, chunk, input_ids, token_type_ids,
-        )  # fmt: skip
+            attention_mask,
+            chunk,
+            input_ids,
+            token_type_ids,
+        )
     finally:
         bert.blocks = all_blocks
         bert.train(training)
