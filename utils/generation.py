@@ -279,10 +279,9 @@ def beam_search(
     new_input = idx
     for length in range(1, max_new_tokens + 1):  # length generated after this step
         log_probs = F.log_softmax(_last_logits(model, new_input, caches), dim=-1)  # (n, V)
-        vocab_size = log_probs.shape[-1]
         totals = (log_probs + beam_scores[:, None]).reshape(-1)
         top_scores, top_flat = torch.topk(totals, min(candidates_per_step, totals.numel()))
-        parents, tokens = top_flat // vocab_size, top_flat % vocab_size
+        parents, tokens = top_flat // log_probs.shape[-1], top_flat % log_probs.shape[-1]
         ends = torch.isin(tokens, stop) | (length == max_new_tokens)
         if improvement_possible and not (len(finished) == num_beams and early_stopping):
             ranked = (parents, tokens, top_scores, ends)
