@@ -15,13 +15,12 @@ import torch.nn.functional as F
 from utils.attention import scaled_dot_product_attention
 from utils.flash_attention import (
     FlashAttentionFunction,
-    TensorMemoryTracker,
     flash_attention,
     flash_attention_backward,
     flash_attention_forward,
-    measure_peak_memory,
     triton_flash_attention_forward,
 )
+from utils.memory import TensorMemoryTracker, measure_peak_memory
 
 F32 = dict(atol=1e-5, rtol=1e-5)
 X32 = torch.zeros(1, 1, 4, 8)

@@ -15,6 +15,7 @@ import pytest
 import torch
 import transformers
 
+import utils.data as data
 import utils.pretrained as pretrained
 from utils.generation import generate, stream
 from utils.tasks.encoders import mean_pool
@@ -147,7 +148,7 @@ def test_missing_packages_raise_a_clear_error_when_offline(monkeypatch, tmp_path
 
     monkeypatch.setattr(pretrained, "package_dir", lambda name: None)
     monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(pretrained.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(data, "_fetch", offline)
     with pytest.raises(pretrained.PretrainedUnavailableError, match="openai-whisper"):
         pretrained.gpt2_ranks_path()
 

@@ -1,4 +1,5 @@
-"""utils.training against PyTorch's own optimizer, schedulers, losses and closed forms.
+"""utils.training, utils.optim, utils.memory.saved_tensor_bytes and the char GPT (utils.pretrained)
+against PyTorch's own optimizer, schedulers, losses and closed forms.
 
 Tolerances: float32 ``atol=1e-6`` where two computations do the same float operations in a
 different order; exact equality (``rtol=atol=0``) where they must be bit-identical (resume).
@@ -11,22 +12,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.memory import saved_tensor_bytes
+from utils.optim import AdamW, configure_adamw, lr_at, parameter_groups
+from utils.pretrained import char_gpt_data, load_char_gpt, save_char_gpt
+from utils.tokenization import CharTokenizer
 from utils.training import (
-    AdamW,
-    CharTokenizer,
     RandomWindows,
     TrainConfig,
     Trainer,
-    char_gpt_data,
-    configure_adamw,
     cross_entropy_loss,
     enable_gradient_checkpointing,
     evaluate_loss,
-    load_char_gpt,
-    lr_at,
-    parameter_groups,
-    save_char_gpt,
-    saved_tensor_bytes,
     sequential_windows,
 )
 from utils.transformer import GPT, GPTConfig

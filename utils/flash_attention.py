@@ -16,8 +16,8 @@ in float32. ``is_causal`` uses the course's bottom-right alignment
 (:func:`utils.attention.causal_mask`): query ``i`` sees keys ``0 .. S - T + i``.
 Accumulation is in float32 whatever the input dtype; outputs come back in the input dtype.
 
-:class:`TensorMemoryTracker` measures what the book quotes: the peak bytes of tensors alive at
-once during a call, and the largest single tensor it created.
+:mod:`utils.memory` measures what the book quotes: the peak bytes of tensors alive at once
+during a call, and the largest single tensor it created.
 
 Triton: on a machine without a GPU, call :func:`use_triton_interpreter` first (it sets
 ``TRITON_INTERPRET=1``; importing this module writes nothing to the environment); then
@@ -33,13 +33,9 @@ import importlib.util
 import math
 import os
 import sys
-import weakref
-from collections import Counter
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 tl = None  # triton.language, imported on first use (after use_triton_interpreter)
 
@@ -424,70 +420,3 @@ def triton_flash_attention_forward(
         BLOCK_DV=max(16, 1 << (v_dim - 1).bit_length()),
     )
     return out.view(batch, heads, q_len, v_dim), lse.view(batch, heads, q_len)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring memory: live tensor bytes, on any device
-# ---------------------------------------------------------------------------------------------
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Watches every torch operation run inside it (``with TensorMemoryTracker() as t:``).
-
-    Records ``peak_bytes``, the most bytes of tensor storage created inside the block and
-    alive at the same time (a storage is counted once however many views share it, and
-    released when its last Python tensor is garbage-collected), the ``largest`` tensor created
-    as ``(numel, shape, op name)``, and ``op_counts`` per ATen operator. Storage of the
-    tensors passed as ``inputs`` is never counted. It sees tensors, not the allocator: buffers
-    an operator allocates privately inside one kernel are invisible (so fused kernels such as
-    torch's SDPA look lighter than they are; ``benchmarks/attention_memory.py`` also reports
-    the process's resident memory).
-    """
-
-    def __init__(self, inputs: tuple[Tensor, ...] = ()) -> None:
-        super().__init__()
-        self._ignored = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, Tensor)}
-        self._live: dict[int, list[int]] = {}  # storage pointer -> [bytes, live Python tensors]
-        self.live_bytes = self.peak_bytes = 0
-        self.largest: tuple[int, tuple[int, ...], str] = (0, (), "")
-        self.op_counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        self.op_counts[name] += 1
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, Tensor):
-                self._track(tensor, name)
-        return out
-
-    def _track(self, tensor: Tensor, op: str) -> None:
-        if tensor.numel() > self.largest[0]:
-            self.largest = (tensor.numel(), tuple(tensor.shape), op)
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer in self._ignored or pointer == 0:
-            return
-        entry = self._live.setdefault(pointer, [storage.nbytes(), 0])
-        if entry[1] == 0:
-            self.live_bytes += entry[0]
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        entry[1] += 1
-        weakref.finalize(tensor, self._release, pointer)
-
-    def _release(self, pointer: int) -> None:
-        entry = self._live.get(pointer)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live_bytes -= entry[0]
-            del self._live[pointer]
-
-
-def measure_peak_memory(fn, *args, **kwargs) -> tuple[object, int]:
-    """Run ``fn(*args, **kwargs)`` under :class:`TensorMemoryTracker`; return (result, peak
-    bytes of tensors it created that were alive at once), not counting the tensor arguments."""
-    with TensorMemoryTracker(inputs=(*args, *kwargs.values())) as tracker:
-        result = fn(*args, **kwargs)
-    return result, tracker.peak_bytes

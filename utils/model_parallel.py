@@ -36,7 +36,8 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.training import Batch, TrainConfig, Trainer, parameter_groups
+from utils.optim import parameter_groups
+from utils.training import Batch, TrainConfig, Trainer
 from utils.transformer import FeedForward
 
 # ---------------------------------------------------------------------------------------------
@@ -371,7 +372,8 @@ def _demo_model() -> nn.Module:
 
 def _demo_batches(steps: int, batch_size: int = 8) -> list[Batch]:
     from utils.data import load_tinyshakespeare
-    from utils.training import RandomWindows, char_gpt_data
+    from utils.pretrained import char_gpt_data
+    from utils.training import RandomWindows
 
     _, train, _ = char_gpt_data(load_tinyshakespeare())
     windows = RandomWindows(train, block_size=32, batch_size=batch_size, seed=0)

@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer written from scratch (GPT-2 style).
+"""Tokenizers written from scratch: byte-level BPE (GPT-2 style) and, at the end, the
+character tokenizer of the course's tiny-Shakespeare GPT (:class:`CharTokenizer`).
 
 Byte-pair encoding (Sennrich et al. 2016) as GPT-2 uses it (Radford et al. 2019):
 
@@ -26,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import regex
+import torch
+from torch import Tensor
 
 # GPT-2's pre-tokenization pattern (as in tiktoken's r50k_base): contractions, letters with
 # an optional leading space, numbers, other symbols, and whitespace (a run of spaces before a
@@ -397,3 +400,32 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[int, int]]:
             )
         merges.append((ranks[parts[0]], ranks[parts[1]]))
     return merges
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (e.g. the 65 of tiny Shakespeare)."""
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars):
+            raise ValueError("chars must not repeat a character")
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> Tensor:
+        """str -> (N,) int64 ids; ``ValueError`` for a character outside the alphabet."""
+        unknown = set(text) - self.index.keys()
+        if unknown:
+            raise ValueError(f"text has characters outside the alphabet: {sorted(unknown)}")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        ids = ids.tolist() if isinstance(ids, Tensor) else ids
+        return "".join(self.chars[i] for i in ids)

@@ -35,7 +35,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.flash_attention import TensorMemoryTracker
+from utils.memory import TensorMemoryTracker
 
 
 class Status(str, enum.Enum):  # noqa: UP042 - StrEnum needs Python 3.11
