@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from utils.objectives import IGNORE_INDEX
 from utils.tasks.encoders import encode, tokenized_batches
-
-IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
 
 
 def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
