@@ -286,8 +286,7 @@ def _flash_forward_kernel(
     BLOCK_D: tl.constexpr,
     BLOCK_DV: tl.constexpr,
 ):
-    """One program: one block of BLOCK_M queries of one (batch, head). Compiled with
-    ``triton.jit`` on first use (:func:`_forward_kernel`)."""
+    """One program: BLOCK_M queries of one (batch, head); causal ones stop at ``key_end``."""
     block_m, bh = tl.program_id(0), tl.program_id(1)
     rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
     cols_d, cols_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
@@ -299,9 +298,7 @@ def _flash_forward_kernel(
     row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
     row_sum = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-    key_end = k_len
-    if IS_CAUSAL:
-        key_end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + causal_offset)
+    key_end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + causal_offset) if IS_CAUSAL else k_len
     for k_start in range(0, key_end, BLOCK_N):
         keys = k_start + tl.arange(0, BLOCK_N)
         k = tl.load(
@@ -325,10 +322,9 @@ def _flash_forward_kernel(
         )
         acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
         row_max = new_max
-    out = acc / row_sum[:, None]
     tl.store(
         Out + bh * q_len * v_dim + rows[:, None] * v_dim + cols_dv[None, :],
-        out.to(Out.dtype.element_ty),
+        (acc / row_sum[:, None]).to(Out.dtype.element_ty),
         mask=(rows[:, None] < q_len) & (cols_dv[None, :] < v_dim),
     )
     tl.store(Lse + bh * q_len + rows, row_max + tl.log(row_sum), mask=rows < q_len)
