@@ -56,6 +56,33 @@ def merge_pair(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[i
     return out
 
 
+def _count_pairs(
+    words: list[list[int]], counts: list[int]
+) -> tuple[Counter[tuple[int, int]], defaultdict[tuple[int, int], set[int]]]:
+    """Weighted count of every adjacent pair of ids in ``words`` (each word counted ``counts``
+    times), and for each pair the indices of the words that contain it."""
+    pair_counts: Counter[tuple[int, int]] = Counter()
+    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    for index, (word, count) in enumerate(zip(words, counts, strict=True)):
+        for pair in zip(word, word[1:], strict=False):
+            pair_counts[pair] += count
+            where[pair].add(index)
+    return pair_counts, where
+
+
+def _push_counts(
+    heap: list, pairs: set[tuple[int, int]], pair_counts: Counter, where: dict
+) -> None:
+    """Push the new counts of ``pairs`` onto the heap; forget the pairs that no longer occur."""
+    for pair in pairs:
+        count = pair_counts[pair]
+        if count > 0:
+            heapq.heappush(heap, (-count, pair))
+        else:
+            del pair_counts[pair]
+            where.pop(pair, None)
+
+
 class ByteLevelBPE:
     """Byte-level BPE tokenizer: ``encode(text) -> list[int]``, ``decode(ids) -> str``.
 
@@ -142,12 +169,7 @@ class ByteLevelBPE:
         words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
         counts = list(chunk_counts.values())
 
-        pair_counts: Counter[tuple[int, int]] = Counter()
-        where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
-        for index, (word, count) in enumerate(zip(words, counts, strict=True)):
-            for pair in zip(word, word[1:], strict=False):
-                pair_counts[pair] += count
-                where[pair].add(index)
+        pair_counts, where = _count_pairs(words, counts)
         heap = [(-count, pair) for pair, count in pair_counts.items()]
         heapq.heapify(heap)
 
@@ -172,13 +194,7 @@ class ByteLevelBPE:
                     where[new].add(index)
                     changed.add(new)
                 words[index] = merged
-            for changed_pair in changed:
-                count = pair_counts[changed_pair]
-                if count > 0:
-                    heapq.heappush(heap, (-count, changed_pair))
-                else:
-                    del pair_counts[changed_pair]
-                    where.pop(changed_pair, None)
+            _push_counts(heap, changed, pair_counts, where)
         first_special = NUM_BYTES + len(merges)
         specials = {token: first_special + i for i, token in enumerate(special_tokens)}
         return cls(merges, special_tokens=specials, pattern=pattern)
