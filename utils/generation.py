@@ -221,7 +221,6 @@ def stream(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Iter
 # ---------------------------------------------------------------------------------------------
 
 
-@torch.no_grad()
 def _check_beam_inputs(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: int) -> None:
     _check_prompt(model, idx, max_new_tokens)
     if idx.shape[0] != 1:
@@ -244,6 +243,7 @@ def _add_finished(
     return sorted(finished, key=lambda item: -item[0])[:num_beams]
 
 
+@torch.no_grad()
 def beam_search(
     model: nn.Module,
     idx: Tensor,
