@@ -7,7 +7,7 @@ Shapes: q, k, v of (B, H, N, D) = (1, 2, N, 64) float32, non-causal.
 
 Memory is "extra": bytes beyond the inputs q, k, v, measured two ways on CPU.
 
-* ``tensors``: :class:`utils.flash_attention.TensorMemoryTracker`, a ``TorchDispatchMode``
+* ``tensors``: :class:`utils.memory.TensorMemoryTracker`, a ``TorchDispatchMode``
   that sees every tensor an operator returns and keeps the running total of live storage
   (each storage counted once, released when its last Python tensor dies); the peak of that
   total is reported. Exact and deterministic, but blind to buffers an operator allocates
@@ -41,10 +41,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from utils.attention import scaled_dot_product_attention  # noqa: E402
 from utils.flash_attention import (  # noqa: E402
-    TensorMemoryTracker,
     flash_attention_forward,
     triton_flash_attention_forward,
+    use_triton_interpreter,
 )
+from utils.memory import TensorMemoryTracker  # noqa: E402
+
+if not torch.cuda.is_available():
+    use_triton_interpreter()  # the Triton kernel runs on CPU tensors
 
 BATCH, HEADS, HEAD_DIM = 1, 2, 64
 BLOCK = 128

@@ -37,13 +37,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from utils.data import load_tinyshakespeare  # noqa: E402
-from utils.training import (  # noqa: E402
-    RandomWindows,
-    TrainConfig,
-    Trainer,
-    char_gpt_data,
-    sequential_windows,
-)
+from utils.pretrained import char_gpt_data  # noqa: E402
+from utils.training import RandomWindows, TrainConfig, Trainer, sequential_windows  # noqa: E402
 from utils.transformer import GPT, GPTConfig  # noqa: E402
 
 TARGET = 1.88

@@ -7,7 +7,7 @@ training is seeded (1,800 iterations; about 2 minutes on one core of the shared 
     python scripts/train_char_gpt.py
     python scripts/train_char_gpt.py --recipe nanogpt --out /tmp/nanogpt.safetensors
 
-Load it with ``utils.training.load_char_gpt(path) -> (model, tokenizer, info)``; ``info``
+Load it with ``utils.pretrained.load_char_gpt(path) -> (model, tokenizer, info)``; ``info``
 holds the recipe, the final validation loss and the training curves.
 """
 
@@ -21,7 +21,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 from benchmarks.train_char_gpt import parse_recipe, report, run  # noqa: E402
-from utils.training import save_char_gpt  # noqa: E402
+from utils.pretrained import save_char_gpt  # noqa: E402
 
 DEFAULT_OUT = ROOT / "checkpoints" / "shakespeare_char.safetensors"
 CURVE_EVERY = 10  # keep every 10th training loss in the checkpoint's info

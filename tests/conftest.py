@@ -1,4 +1,8 @@
-"""Shared fixtures: the repository root and the built site (built once per test session)."""
+"""Shared fixtures: the repository root and the built site (built once per test session).
+
+Without a GPU, Triton kernels run through Triton's interpreter: switched on here, before
+anything imports triton.
+"""
 
 import subprocess
 import sys
@@ -6,6 +10,12 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+import torch
+
+from utils.flash_attention import use_triton_interpreter
+
+if not torch.cuda.is_available():
+    use_triton_interpreter()
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -2,7 +2,8 @@
 
 Tolerances: float32 atol=1e-5 (rtol=1e-5) against a float64 reference; bfloat16 atol=2e-2
 (8 mantissa bits: inputs are rounded to ~4e-3 relative, and outputs of size ~1 are compared).
-The Triton kernel runs under TRITON_INTERPRET=1 on CPU with large blocks and small sizes.
+The Triton kernel runs under Triton's interpreter on CPU (``use_triton_interpreter``, called
+by conftest.py) with large blocks and small sizes.
 """
 
 import math
@@ -14,13 +15,12 @@ import torch.nn.functional as F
 from utils.attention import scaled_dot_product_attention
 from utils.flash_attention import (
     FlashAttentionFunction,
-    TensorMemoryTracker,
     flash_attention,
     flash_attention_backward,
     flash_attention_forward,
-    measure_peak_memory,
     triton_flash_attention_forward,
 )
+from utils.memory import TensorMemoryTracker, measure_peak_memory
 
 F32 = dict(atol=1e-5, rtol=1e-5)
 X32 = torch.zeros(1, 1, 4, 8)

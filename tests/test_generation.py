@@ -6,6 +6,8 @@ tokens as `generate` with `do_sample=False`; the filters must keep exactly the t
 Hugging Face's warpers keep. Runs in about 15 s.
 """
 
+import warnings
+
 import pytest
 import torch
 import transformers
@@ -197,6 +199,14 @@ def test_beam_search_with_one_beam_is_greedy(hf_gpt2):
     ours = from_hf(hf_gpt2).eval()
     idx = prompts(1, 5, seed=7)
     assert torch.equal(beam_search(ours, idx, 15, num_beams=1), generate(ours, idx, 15))
+
+
+def test_beam_search_runs_without_autograd(hf_gpt2):
+    """No graph is built while searching: scores read with float() would warn otherwise."""
+    ours = from_hf(hf_gpt2).eval()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        beam_search(ours, prompts(1, 5, seed=7), 6, num_beams=3)
 
 
 def test_decoding_layout_keeps_values_ties_and_tokens(pair):

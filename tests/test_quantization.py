@@ -5,6 +5,7 @@ import pytest
 import torch
 from torch import nn
 
+from utils.memory import state_dict_bytes
 from utils.quantization import (
     Int8Linear,
     absmax_quantize,
@@ -12,7 +13,6 @@ from utils.quantization import (
     pytorch_dynamic_int8,
     quantize,
     quantize_linear_layers,
-    state_dict_bytes,
     zeropoint_quantize,
 )
 from utils.transformer import GPT, GPTConfig

@@ -236,6 +236,26 @@ def test_token_classifier_loss_and_training_beats_label_prior(minilm):
     assert loss < 0.8 * prior_loss  # beats predicting the label frequencies everywhere
 
 
+def test_predict_tags_matches_one_sentence_at_a_time(minilm):
+    """Batched, padded tagging == each sentence tokenized and tagged alone; words cut off by
+    max_length get "O"."""
+    tokenizer, encoder = minilm
+    torch.manual_seed(0)
+    model = N.TokenClassifier(encoder, N.TokenClassifierConfig(384, len(WNUT17_LABELS), 0.0))
+    sentences = [list(words) for words, _ in load_wnut17("train")[:5]]
+    sentences.append(["word"] * 40)  # longer than max_length: the tail is truncated
+    tags = N.predict_tags(model, tokenizer, sentences, WNUT17_LABELS, batch_size=4, max_length=24)
+    for words, predicted in zip(sentences, tags, strict=True):
+        split = {"is_split_into_words": True, "truncation": True, "max_length": 24}
+        alone = tokenizer(words, return_tensors="pt", **split)
+        with torch.no_grad():
+            ids = model(alone["input_ids"], alone["attention_mask"]).argmax(-1)[0].tolist()
+        per_word = N.word_predictions(alone.word_ids(0), ids)
+        per_word += [0] * (len(words) - len(per_word))
+        assert predicted == [WNUT17_LABELS[k] for k in per_word]
+    assert tags[-1][-1] == WNUT17_LABELS[0] == "O"
+
+
 @pytest.fixture(scope="module")
 def squad():
     return [q for q in load_squad2_dev() if not q["is_impossible"]]

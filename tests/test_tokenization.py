@@ -17,7 +17,7 @@ from transformers.convert_slow_tokenizer import bytes_to_unicode
 
 from utils.data import load_tinyshakespeare
 from utils.pretrained import gpt2_ranks_path, load_gpt2_tokenizer
-from utils.tokenization import GPT2_SPLIT_PATTERN, ByteLevelBPE, merge_pair
+from utils.tokenization import GPT2_SPLIT_PATTERN, ByteLevelBPE, CharTokenizer, merge_pair
 
 VOCAB_SIZE = 1024
 EOT = "<|endoftext|>"
@@ -200,3 +200,13 @@ def test_bad_input_raises_clear_errors(ours, tmp_path):
     (tmp_path / "other.json").write_text(json.dumps({"format": "something-else"}))
     with pytest.raises(ValueError, match="byte-level-bpe-v1"):
         ByteLevelBPE.load(tmp_path / "other.json")
+
+
+def test_char_tokenizer_round_trip_and_unknown_characters():
+    tokenizer = CharTokenizer.from_text("hello world")
+    assert tokenizer.chars == " dehlorw" and tokenizer.vocab_size == 8
+    ids = tokenizer.encode("low red")
+    assert ids.tolist() == [4, 5, 7, 0, 6, 2, 1]
+    assert tokenizer.decode(ids) == "low red"
+    with pytest.raises(ValueError, match="outside the alphabet"):
+        tokenizer.encode("hellx")

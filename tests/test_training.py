@@ -11,22 +11,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from utils.memory import saved_tensor_bytes
+from utils.optim import parameter_groups
 from utils.training import (
-    AdamW,
-    CharTokenizer,
     RandomWindows,
     TrainConfig,
     Trainer,
-    char_gpt_data,
-    configure_adamw,
     cross_entropy_loss,
     enable_gradient_checkpointing,
     evaluate_loss,
-    load_char_gpt,
-    lr_at,
-    parameter_groups,
-    save_char_gpt,
-    saved_tensor_bytes,
     sequential_windows,
 )
 from utils.transformer import GPT, GPTConfig
@@ -58,115 +51,6 @@ def mlp(seed: int = 0) -> nn.Module:
 
 def quiet(**kwargs) -> TrainConfig:
     return TrainConfig(progress=False, **kwargs)
-
-
-# ---------------------------------------------------------------------------------------------
-# AdamW
-# ---------------------------------------------------------------------------------------------
-
-
-def test_adamw_matches_torch_step_for_step():
-    ours_model, torch_model = mlp(), mlp()
-    settings = dict(lr=3e-3, betas=(0.9, 0.95), eps=1e-8)
-    ours = AdamW(parameter_groups(ours_model, 0.1), **settings)
-    reference = torch.optim.AdamW(parameter_groups(torch_model, 0.1), **settings)
-    batches = regression_batches()
-    for _ in range(20):
-        x, y = batches()
-        for model, optimizer in ((ours_model, ours), (torch_model, reference)):
-            optimizer.zero_grad()
-            F.mse_loss(model(x), y).backward()
-            optimizer.step()
-        for p, q in zip(ours_model.parameters(), torch_model.parameters(), strict=True):
-            torch.testing.assert_close(p, q, atol=1e-6, rtol=0)
-
-
-def test_adamw_rejects_bad_hyperparameters():
-    with pytest.raises(ValueError, match="betas"):
-        AdamW(mlp().parameters(), betas=(0.9, 1.0))
-    with pytest.raises(ValueError, match="lr"):
-        AdamW(mlp().parameters(), lr=-1.0)
-
-
-def test_parameter_groups_decay_matrices_only_and_count_tied_weights_once():
-    model = GPT(TINY_GPT)
-    decay, no_decay = parameter_groups(model, 0.1)
-    assert decay["weight_decay"] == 0.1 and no_decay["weight_decay"] == 0.0
-    assert all(p.dim() >= 2 for p in decay["params"])
-    assert all(p.dim() < 2 for p in no_decay["params"])
-    # wte is tied to lm_head: model.parameters() already yields it once
-    n_params = sum(p.numel() for p in model.parameters())
-    assert sum(p.numel() for g in (decay, no_decay) for p in g["params"]) == n_params
-    names = {id(p): n for n, p in model.named_parameters()}
-    assert names[id(model.wte.weight)] in [names[id(p)] for p in decay["params"]]
-    assert {names[id(p)] for p in no_decay["params"]} == {
-        n for n, p in model.named_parameters() if n.endswith("bias") or "norm" in n or "ln_f" in n
-    }
-    optimizer = configure_adamw(model, 1e-3, 0.1)
-    assert [len(g["params"]) for g in optimizer.param_groups] == [
-        len(decay["params"]),
-        len(no_decay["params"]),
-    ]
-
-
-# ---------------------------------------------------------------------------------------------
-# Schedules
-# ---------------------------------------------------------------------------------------------
-
-
-def _torch_schedule(make_decay, warmup: int, steps: int, lr: float) -> list[float]:
-    optimizer = torch.optim.SGD([nn.Parameter(torch.zeros(1))], lr=lr)
-    warm = torch.optim.lr_scheduler.LinearLR(optimizer, 1 / warmup, 1.0, total_iters=warmup - 1)
-    decay = make_decay(optimizer)
-    scheduler = torch.optim.lr_scheduler.SequentialLR(optimizer, [warm, decay], [warmup])
-    rates = []
-    for _ in range(steps):
-        rates.append(optimizer.param_groups[0]["lr"])
-        optimizer.step()
-        scheduler.step()
-    return rates
-
-
-def test_warmup_cosine_matches_torch_schedulers():
-    lr, min_lr, warmup, max_iters = 1e-3, 1e-4, 10, 60
-
-    def cosine(opt):
-        return torch.optim.lr_scheduler.CosineAnnealingLR(opt, max_iters - warmup, min_lr)
-
-    expected = _torch_schedule(cosine, warmup, max_iters + 1, lr)
-    ours = [
-        lr_at(s, lr=lr, min_lr=min_lr, warmup_iters=warmup, max_iters=max_iters)
-        for s in range(max_iters + 1)
-    ]
-    torch.testing.assert_close(torch.tensor(ours), torch.tensor(expected), rtol=1e-5, atol=0)
-    assert ours[warmup - 1] == lr and ours[max_iters] == pytest.approx(min_lr)
-
-
-def test_warmup_linear_matches_torch_schedulers():
-    lr, min_lr, warmup, max_iters = 2e-3, 2e-4, 5, 40
-
-    def linear(opt):
-        return torch.optim.lr_scheduler.LinearLR(opt, 1.0, min_lr / lr, max_iters - warmup)
-
-    expected = _torch_schedule(linear, warmup, max_iters + 5, lr)
-    ours = [
-        lr_at(s, lr=lr, min_lr=min_lr, warmup_iters=warmup, max_iters=max_iters, schedule="linear")
-        for s in range(max_iters + 5)
-    ]
-    torch.testing.assert_close(torch.tensor(ours), torch.tensor(expected), rtol=1e-5, atol=0)
-
-
-def test_constant_schedule_and_bad_arguments():
-    assert lr_at(50, lr=0.1, max_iters=100, warmup_iters=10, schedule="constant") == 0.1
-    assert lr_at(4, lr=0.1, max_iters=100, warmup_iters=10) == pytest.approx(0.05)
-    with pytest.raises(ValueError, match="schedule"):
-        lr_at(0, lr=0.1, max_iters=10, schedule="step")
-    with pytest.raises(ValueError, match="warmup_iters"):
-        lr_at(0, lr=0.1, max_iters=10, warmup_iters=20)
-    with pytest.raises(ValueError, match="warmup_iters"):
-        TrainConfig(max_iters=10, warmup_iters=20)
-    with pytest.raises(ValueError, match="precision"):
-        TrainConfig(precision="int8")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -303,15 +187,6 @@ def test_gradient_checkpointing_same_gradients_less_saved_memory():
     assert saved_tensor_bytes(loss_of(checkpointed)) < 0.5 * saved_tensor_bytes(loss_of(plain))
 
 
-def test_saved_tensor_bytes_hand_worked():
-    x = torch.randn(4, 3, requires_grad=True)
-    w = torch.randn(3, 5, requires_grad=True)
-    # mm saves both operands (4*3 + 3*5 floats); sum saves nothing
-    assert saved_tensor_bytes(lambda: (x @ w).sum()) == (12 + 15) * 4
-    # exp saves its output (4*3 floats) and mm its operands
-    assert saved_tensor_bytes(lambda: (x @ w).exp().sum()) == (12 + 15 + 20) * 4
-
-
 # ---------------------------------------------------------------------------------------------
 # Checkpoints
 # ---------------------------------------------------------------------------------------------
@@ -357,18 +232,8 @@ def test_fit_rejects_steps_outside_the_schedule():
 
 
 # ---------------------------------------------------------------------------------------------
-# Data and the char-level GPT checkpoint
+# Batches
 # ---------------------------------------------------------------------------------------------
-
-
-def test_char_tokenizer_round_trip_and_unknown_characters():
-    tokenizer = CharTokenizer.from_text("hello world")
-    assert tokenizer.chars == " dehlorw" and tokenizer.vocab_size == 8
-    ids = tokenizer.encode("low red")
-    assert ids.tolist() == [4, 5, 7, 0, 6, 2, 1]
-    assert tokenizer.decode(ids) == "low red"
-    with pytest.raises(ValueError, match="outside the alphabet"):
-        tokenizer.encode("hellx")
 
 
 def test_random_windows_are_shifted_and_reproducible():
@@ -392,20 +257,6 @@ def test_sequential_windows_cover_the_stream_in_order():
     torch.testing.assert_close(x.flatten(), torch.arange(48))
     torch.testing.assert_close(torch.cat([b[1] for b in batches]).flatten(), torch.arange(1, 49))
     assert len(sequential_windows(torch.arange(50), 8, 4, max_batches=1)) == 1
-
-
-def test_char_gpt_save_load_round_trip(tmp_path):
-    tokenizer, train, val = char_gpt_data("to be or not to be, that is the question\n" * 5)
-    assert len(train) == int(0.9 * (len(train) + len(val)))
-    config = GPTConfig(tokenizer.vocab_size, 8, 1, 2, 8)
-    model = GPT(config)
-    save_char_gpt(tmp_path / "m.safetensors", model, tokenizer, val_loss=1.5)
-    loaded, loaded_tokenizer, info = load_char_gpt(tmp_path / "m.safetensors")
-    assert loaded.config == config and loaded_tokenizer.chars == tokenizer.chars
-    assert info == {"val_loss": 1.5} and not loaded.training
-    x = train[:8][None]
-    torch.testing.assert_close(loaded(x), model(x), atol=0, rtol=0)
-    assert loaded.lm_head.weight is loaded.wte.weight  # tying survives the round trip
 
 
 def test_cross_entropy_loss_matches_torch_for_bfloat16_logits():

@@ -210,10 +210,13 @@ def test_encoder_decoder_matches_torch_transformer(pre_norm):
     src_real[1, 6:] = False
     with torch.no_grad():
         logits = model(src, tgt, src_mask=src_real)
-        memory = encoder(model.embed_source(src), src_key_padding_mask=~src_real)
+        memory = encoder(model.embed(model.src_embed, src), src_key_padding_mask=~src_real)
         causal = nn.Transformer.generate_square_subsequent_mask(6)
         hidden = decoder(
-            model.embed_target(tgt), memory, tgt_mask=causal, memory_key_padding_mask=~src_real
+            model.embed(model.tgt_embed, tgt),
+            memory,
+            tgt_mask=causal,
+            memory_key_padding_mask=~src_real,
         )
         close(logits, model.lm_head(hidden))
         close(model.encode(src, src_mask=src_real)[src_real], memory[src_real])
@@ -226,7 +229,7 @@ def test_encoder_decoder_embeddings_are_scaled_and_sinusoidal():
     angle = position / 10000 ** (torch.arange(0, 32, 2) / 32)
     table = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # sin, cos interleaved
     expected = model.tgt_embed(tgt) * math.sqrt(32) + table
-    close(model.embed_target(tgt), expected)
+    close(model.embed(model.tgt_embed, tgt), expected)
 
 
 def _check_incremental(model, run_full, run_step, length: int, rows=None):

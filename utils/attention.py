@@ -18,12 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-
-def _check_floating(name: str, x: Tensor) -> None:
-    if not isinstance(x, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
-    if not x.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got dtype {x.dtype}")
+from utils import checks
 
 
 def causal_mask(query_len: int, key_len: int, device=None) -> Tensor:
@@ -36,52 +31,6 @@ def causal_mask(query_len: int, key_len: int, device=None) -> Tensor:
     if query_len > key_len:
         raise ValueError(f"causal mask needs query_len <= key_len, got {query_len} > {key_len}")
     return torch.ones(query_len, key_len, dtype=torch.bool, device=device).tril(key_len - query_len)
-
-
-def _validate_qkv(q: Tensor, k: Tensor, v: Tensor) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        _check_floating(name, x)
-        if x.dim() < 2:
-            raise ValueError(f"{name} must have shape (..., length, dim), got {tuple(x.shape)}")
-    if not (q.dtype == k.dtype == v.dtype):
-        raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if q.shape[-1] != k.shape[-1]:
-        raise ValueError(
-            f"q and k must have the same last dimension (head dim), "
-            f"got q {tuple(q.shape)} and k {tuple(k.shape)}"
-        )
-    if k.shape[-2] != v.shape[-2]:
-        raise ValueError(
-            f"k and v must have the same length (dim -2), "
-            f"got k {tuple(k.shape)} and v {tuple(v.shape)}"
-        )
-
-
-def _scores_shape(q: Tensor, k: Tensor) -> tuple[int, ...]:
-    try:
-        batch = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2])
-    except RuntimeError:
-        raise ValueError(
-            f"batch dimensions of q {tuple(q.shape)} and k {tuple(k.shape)} do not broadcast"
-        ) from None
-    return (*batch, q.shape[-2], k.shape[-2])
-
-
-def _validate_mask(mask: Tensor, scores_shape: tuple[int, ...], dtype: torch.dtype) -> None:
-    if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
-    if mask.dtype != torch.bool and not mask.is_floating_point():
-        raise ValueError(
-            f"mask must be bool (True = attend) or floating (additive), got {mask.dtype}"
-        )
-    try:
-        if torch.broadcast_shapes(mask.shape, scores_shape) != torch.Size(scores_shape):
-            raise RuntimeError
-    except RuntimeError:
-        raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
-            f"of shape {scores_shape} (..., T, S)"
-        ) from None
 
 
 def scaled_dot_product_attention(
@@ -111,12 +60,12 @@ def scaled_dot_product_attention(
         (..., T, Dv) outputs, and the weights if asked. A query whose keys are all masked
         gets all-zero weights (and a zero output) rather than NaN.
     """
-    _validate_qkv(q, k, v)
-    scores_shape = _scores_shape(q, k)
-    if mask is not None:
-        _validate_mask(mask, scores_shape, q.dtype)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if checks.needed():
+        scores_shape = checks.qkv(q, k, v)
+        if mask is not None:
+            checks.attention_mask(mask, scores_shape)
+        if not 0.0 <= dropout_p < 1.0:
+            raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     scores = (q @ k.transpose(-2, -1)) * scale  # (..., T, S)
@@ -162,6 +111,30 @@ def merge_heads(x: Tensor) -> Tensor:
         raise ValueError(f"merge_heads needs (B, H, T, D), got {tuple(x.shape)}")
     batch, heads, length, dim = x.shape
     return x.transpose(1, 2).reshape(batch, length, heads * dim)
+
+
+def with_padding(
+    attn_mask: Tensor | None, key_mask: Tensor | None, batch: int, key_len: int
+) -> Tensor | None:
+    """Combine an attention pattern (bool or additive, broadcastable to (B, H, T, S)) with a
+    (B, S) padding mask (True = real token) into one mask for the scores."""
+    if key_mask is None:
+        return attn_mask
+    if checks.needed():
+        checks.key_mask(key_mask, batch, key_len)
+    padding = key_mask[:, None, None, :]  # (B, 1, 1, S)
+    if attn_mask is None:
+        return padding
+    if attn_mask.dtype == torch.bool:
+        return attn_mask & padding
+    return attn_mask + torch.where(padding, 0.0, float("-inf")).to(attn_mask.dtype)
+
+
+def repeat_kv_heads(x: Tensor, num_heads: int) -> Tensor:
+    """Grouped-query attention: (B, H_kv, S, D) -> (B, H, S, D), each K/V head shared by
+    H / H_kv query heads (unchanged when H_kv == H)."""
+    repeat = num_heads // x.shape[1]
+    return x if repeat == 1 else x.repeat_interleave(repeat, dim=1)
 
 
 class KVCache:
@@ -265,20 +238,6 @@ class MultiHeadAttention(nn.Module):
             F.linear(key_value, w_v, b_v),
         )
 
-    def _check_inputs(self, query: Tensor, key_value: Tensor) -> None:
-        _check_floating("query", query)
-        _check_floating("key_value", key_value)
-        if query.dim() != 3 or query.shape[-1] != self.embed_dim:
-            raise ValueError(f"query must be (B, T, {self.embed_dim}), got {tuple(query.shape)}")
-        if key_value.dim() != 3 or key_value.shape[-1] != self.kv_dim:
-            raise ValueError(
-                f"key_value must be (B, S, {self.kv_dim}), got {tuple(key_value.shape)}"
-            )
-        if key_value.shape[0] != query.shape[0]:
-            raise ValueError(
-                f"query and key_value batch sizes differ: {query.shape[0]} vs {key_value.shape[0]}"
-            )
-
     def forward(
         self,
         query: Tensor,
@@ -290,60 +249,27 @@ class MultiHeadAttention(nn.Module):
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """Attend from ``query`` to ``key_value`` (itself when None).
+        """Attend from ``query`` (B, T, E) to ``key_value`` (B, S, kv_dim; None: itself).
 
-        Args:
-            query: (B, T, E).
-            key_value: (B, S, kv_dim) for cross-attention; None for self-attention.
-            attn_mask: bool or float, broadcastable to (B, H, T, S_total), where S_total
-                includes cached keys; e.g. a (T, S) mask or a (1, H, T, S) relative bias.
-            key_mask: (B, S) bool, True for real tokens and False for padding (the
-                Hugging Face ``attention_mask`` convention); covers cached keys too.
-            is_causal: causal self-attention (bottom-right aligned when a cache is used).
-            kv_cache: a :class:`KVCache` to append this call's keys/values to.
-            need_weights: also return the (B, H, T, S_total) attention weights.
-
-        Returns:
-            (B, T, E) output, and the weights if asked.
-        """
+        ``attn_mask``: attention pattern, bool (True = attend) or additive (e.g. T5's bias),
+        broadcastable to (B, H, T, S_total), S_total counting cached keys; ``key_mask``: (B,
+        S_total) padding mask, True = real token; ``is_causal`` is bottom-right aligned with a
+        ``kv_cache``. Returns (B, T, E), and the (B, H, T, S_total) weights if asked."""
         key_value = query if key_value is None else key_value
-        self._check_inputs(query, key_value)
-        batch, length, _ = query.shape
+        if checks.needed():
+            checks.attention_inputs(query, key_value, self.embed_dim, self.kv_dim)
         q, k, v = self._project(query, key_value)
-        q = q.view(batch, length, self.num_heads, self.head_dim).transpose(1, 2)  # (B, H, T, D)
-        k = k.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)  # (B, H_kv, S, D)
-        v = v.view(batch, -1, self.num_kv_heads, self.head_dim).transpose(1, 2)
+        q = split_heads(q, self.num_heads)  # (B, H, T, D); k, v: (B, H_kv, S, D)
+        k, v = split_heads(k, self.num_kv_heads), split_heads(v, self.num_kv_heads)
         if self.rotary is not None:
             q, k = self.rotary(q, k, offset=0 if kv_cache is None else len(kv_cache))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        if self.num_kv_heads != self.num_heads:  # grouped-query: share each K/V head
-            repeat = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(repeat, dim=1), v.repeat_interleave(repeat, dim=1)
-
-        mask = attn_mask
-        if key_mask is not None:
-            if not isinstance(key_mask, Tensor):
-                raise TypeError(f"key_mask must be a torch.Tensor, got {type(key_mask).__name__}")
-            if key_mask.dtype != torch.bool or key_mask.shape != (batch, k.shape[-2]):
-                raise ValueError(
-                    f"key_mask must be a bool tensor of shape (B, S) = {(batch, k.shape[-2])} "
-                    f"(True = real token), got {key_mask.dtype} {tuple(key_mask.shape)}"
-                )
-            padding = key_mask[:, None, None, :]  # (B, 1, 1, S)
-            if mask is None or mask.dtype == torch.bool:
-                mask = padding if mask is None else mask & padding
-            else:  # additive mask: turn padding into -inf and add
-                mask = mask + torch.where(padding, 0.0, float("-inf")).to(q.dtype)
+        k, v = repeat_kv_heads(k, self.num_heads), repeat_kv_heads(v, self.num_heads)
+        mask = with_padding(attn_mask, key_mask, query.shape[0], k.shape[-2])
+        p = self.dropout if self.training else 0.0
         out, weights = scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            mask,
-            is_causal=is_causal,
-            dropout_p=self.dropout if self.training else 0.0,
-            scale=self.scale,
-            return_weights=True,
+            q, k, v, mask, is_causal=is_causal, dropout_p=p, scale=self.scale, return_weights=True
         )
         out = self.out_proj(merge_heads(out))  # (B, T, E)
         return (out, weights) if need_weights else out

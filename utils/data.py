@@ -219,13 +219,14 @@ def get_file(dataset: str, filename: str) -> Path:
 
     cached = cache_dir() / dataset / filename
     mirror = mirror_dir()
-    if _cached_copy_is_valid(cached, entry.sha256):
+    mirrored = None if mirror is None else mirror / dataset / filename
+    if _copy_is_valid(cached, entry.sha256, cached=True):
         path = cached
-    elif mirror is not None and _mirror_copy_is_valid(mirror / dataset / filename, entry.sha256):
-        path = mirror / dataset / filename
+    elif mirrored is not None and _copy_is_valid(mirrored, entry.sha256, cached=False):
+        path = mirrored
     else:
         try:
-            _download(entry, cached)
+            download_verified(entry.url, entry.sha256, cached, entry.crlf_to_lf)
         except (OSError, http.client.HTTPException, ValueError) as error:
             raise DataUnavailableError(
                 _unavailable_message(dataset, filename, cached, entry.url, error)
@@ -235,33 +236,25 @@ def get_file(dataset: str, filename: str) -> Path:
     return path
 
 
-def _cached_copy_is_valid(path: Path, sha256: str) -> bool:
-    """True if the cached file matches; a mismatching one is reported and deleted."""
+def _copy_is_valid(path: Path, sha256: str, *, cached: bool) -> bool:
+    """True if the file at ``path`` matches ``sha256``. A mismatching cached copy is reported
+    and deleted; a mismatching mirror copy (``cached=False``) is reported and skipped."""
     if not path.is_file():
         return False
     actual = sha256sum(path)
     if actual == sha256:
         return True
-    warnings.warn(
-        f"cached file {path} is corrupt (sha256 {actual}, expected {sha256}); "
-        "deleting it and looking for a fresh copy",
-        stacklevel=3,
-    )
-    path.unlink()
-    return False
-
-
-def _mirror_copy_is_valid(path: Path, sha256: str) -> bool:
-    """True if the mirror file matches; a mismatching one is reported and skipped."""
-    if not path.is_file():
-        return False
-    actual = sha256sum(path)
-    if actual == sha256:
-        return True
-    warnings.warn(
-        f"skipping mirror file {path}: sha256 {actual} does not match the expected {sha256}",
-        stacklevel=3,
-    )
+    if cached:
+        message = (
+            f"cached file {path} is corrupt (sha256 {actual}, expected {sha256}); "
+            "deleting it and looking for a fresh copy"
+        )
+        path.unlink()
+    else:
+        message = (
+            f"skipping mirror file {path}: sha256 {actual} does not match the expected {sha256}"
+        )
+    warnings.warn(message, stacklevel=3)
     return False
 
 
@@ -271,18 +264,20 @@ def _fetch(url: str) -> bytes:
         return response.read()
 
 
-def _download(entry: DataFile, destination: Path) -> None:
-    """Download ``entry``, apply its documented transform, verify it, move it to ``destination``.
+def download_verified(url: str, sha256: str, destination: Path, crlf_to_lf: bool = False) -> Path:
+    """Download ``url`` (with ``crlf_to_lf``, turning CRLF line ends into LF first), check its
+    sha256 (``ValueError`` if it differs) and write it to ``destination``.
 
     The data is written to a temporary file next to ``destination`` and renamed, so a reader
-    never sees a half-written file. All files are small (< 3 MB), so they are held in memory.
+    never sees a half-written file. The files are small, so they are held in memory. Used for
+    the data sets here and for the pretrained files of :mod:`utils.pretrained`.
     """
-    data = _fetch(entry.url)
-    if entry.crlf_to_lf:
+    data = _fetch(url)
+    if crlf_to_lf:
         data = data.replace(b"\r\n", b"\n")
     actual = hashlib.sha256(data).hexdigest()
-    if actual != entry.sha256:
-        raise ValueError(f"downloaded data has sha256 {actual}, expected {entry.sha256}")
+    if actual != sha256:
+        raise ValueError(f"downloaded data has sha256 {actual}, expected {sha256}")
     destination.parent.mkdir(parents=True, exist_ok=True)
     fd, temporary = tempfile.mkstemp(dir=destination.parent, prefix=f".{destination.name}.")
     try:
@@ -292,6 +287,15 @@ def _download(entry: DataFile, destination: Path) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+    return destination
+
+
+def cached_download(url: str, sha256: str, destination: Path, crlf_to_lf: bool = False) -> Path:
+    """``destination`` if it holds the verified file (a corrupt copy is deleted), else
+    :func:`download_verified`."""
+    if _copy_is_valid(destination, sha256, cached=True):
+        return destination
+    return download_verified(url, sha256, destination, crlf_to_lf)
 
 
 def _unavailable_message(

@@ -16,36 +16,28 @@ in float32. ``is_causal`` uses the course's bottom-right alignment
 (:func:`utils.attention.causal_mask`): query ``i`` sees keys ``0 .. S - T + i``.
 Accumulation is in float32 whatever the input dtype; outputs come back in the input dtype.
 
-:class:`TensorMemoryTracker` measures what the book quotes: the peak bytes of tensors alive at
-once during a call, and the largest single tensor it created.
+:mod:`utils.memory` measures what the book quotes: the peak bytes of tensors alive at once
+during a call, and the largest single tensor it created.
 
-Triton: on a machine without a GPU, importing this module sets ``TRITON_INTERPRET=1``
-(unless already set) *before* triton is imported and the kernel is defined, so
+Triton: on a machine without a GPU, call :func:`use_triton_interpreter` first (it sets
+``TRITON_INTERPRET=1``; importing this module writes nothing to the environment); then
 :func:`triton_flash_attention_forward` runs on CPU tensors through Triton's interpreter
-(slow: use large blocks and small problems). Without triton installed the module still
-imports; only the Triton function raises.
+(slow: use large blocks and small problems). The kernel is compiled on first use. Without
+triton installed the module still imports; only the Triton function raises.
 """
 
 from __future__ import annotations
 
+import functools
+import importlib.util
 import math
 import os
-import weakref
-from collections import Counter
+import sys
 
 import torch
 from torch import Tensor
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
-if not torch.cuda.is_available():
-    os.environ.setdefault("TRITON_INTERPRET", "1")  # must precede the @triton.jit below
-
-try:
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - triton ships with the course requirements
-    triton = None
+tl = None  # triton.language, imported on first use (after use_triton_interpreter)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -243,10 +235,8 @@ class FlashAttentionFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, is_causal=False, block_size_q=64, block_size_k=64, scale=None):
-        out, lse = flash_attention_forward(
-            q, k, v, is_causal=is_causal, block_size_q=block_size_q,
-            block_size_k=block_size_k, scale=scale,
-        )  # fmt: skip
+        blocks = {"block_size_q": block_size_q, "block_size_k": block_size_k}
+        out, lse = flash_attention_forward(q, k, v, is_causal=is_causal, scale=scale, **blocks)
         ctx.save_for_backward(q, k, v, out, lse)
         ctx.options = dict(
             is_causal=is_causal, block_size_q=block_size_q, block_size_k=block_size_k, scale=scale
@@ -277,60 +267,93 @@ def flash_attention(
 # Triton forward kernel
 # ---------------------------------------------------------------------------------------------
 
-if triton is not None:
 
-    @triton.jit
-    def _flash_forward_kernel(
-        Q, K, V, Out, Lse,  # pointers to contiguous (B*H, T, D), (B*H, S, D), (B*H, S, Dv), ...
-        scale, q_len, k_len, head_dim, v_dim, causal_offset,
-        IS_CAUSAL: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        BLOCK_D: tl.constexpr, BLOCK_DV: tl.constexpr,
-    ):  # fmt: skip
-        """One program: one block of BLOCK_M queries of one (batch, head)."""
-        block_m, bh = tl.program_id(0), tl.program_id(1)
-        rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
-        cols_d, cols_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
-        q = tl.load(
-            Q + bh * q_len * head_dim + rows[:, None] * head_dim + cols_d[None, :],
-            mask=(rows[:, None] < q_len) & (cols_d[None, :] < head_dim),
+def _flash_forward_kernel(
+    Q,  # pointers to contiguous (B*H, T, D), (B*H, S, D), (B*H, S, Dv), (B*H, T, Dv), (B*H, T)
+    K,
+    V,
+    Out,
+    Lse,
+    scale,
+    q_len,
+    k_len,
+    head_dim,
+    v_dim,
+    causal_offset,
+    IS_CAUSAL: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+    BLOCK_DV: tl.constexpr,
+):
+    """One program: BLOCK_M queries of one (batch, head); causal ones stop at ``key_end``."""
+    block_m, bh = tl.program_id(0), tl.program_id(1)
+    rows = block_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols_d, cols_dv = tl.arange(0, BLOCK_D), tl.arange(0, BLOCK_DV)
+    q = tl.load(
+        Q + bh * q_len * head_dim + rows[:, None] * head_dim + cols_d[None, :],
+        mask=(rows[:, None] < q_len) & (cols_d[None, :] < head_dim),
+        other=0.0,
+    )
+    row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    row_sum = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
+    key_end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + causal_offset) if IS_CAUSAL else k_len
+    for k_start in range(0, key_end, BLOCK_N):
+        keys = k_start + tl.arange(0, BLOCK_N)
+        k = tl.load(
+            K + bh * k_len * head_dim + keys[:, None] * head_dim + cols_d[None, :],
+            mask=(keys[:, None] < k_len) & (cols_d[None, :] < head_dim),
             other=0.0,
         )
-        row_max = tl.full([BLOCK_M], float("-inf"), tl.float32)
-        row_sum = tl.zeros([BLOCK_M], tl.float32)
-        acc = tl.zeros([BLOCK_M, BLOCK_DV], tl.float32)
-        key_end = k_len
+        scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_M, BLOCK_N)
+        keep = keys[None, :] < k_len
         if IS_CAUSAL:
-            key_end = tl.minimum(k_len, (block_m + 1) * BLOCK_M + causal_offset)
-        for k_start in range(0, key_end, BLOCK_N):
-            keys = k_start + tl.arange(0, BLOCK_N)
-            k = tl.load(
-                K + bh * k_len * head_dim + keys[:, None] * head_dim + cols_d[None, :],
-                mask=(keys[:, None] < k_len) & (cols_d[None, :] < head_dim),
-                other=0.0,
-            )
-            scores = tl.dot(q, tl.trans(k), input_precision="ieee") * scale  # (BLOCK_M, BLOCK_N)
-            keep = keys[None, :] < k_len
-            if IS_CAUSAL:
-                keep = keep & (rows[:, None] + causal_offset >= keys[None, :])
-            scores = tl.where(keep, scores, float("-inf"))
-            new_max = tl.maximum(row_max, tl.max(scores, 1))
-            probs = tl.exp(scores - new_max[:, None])
-            correction = tl.exp(row_max - new_max)
-            row_sum = row_sum * correction + tl.sum(probs, 1)
-            v = tl.load(
-                V + bh * k_len * v_dim + keys[:, None] * v_dim + cols_dv[None, :],
-                mask=(keys[:, None] < k_len) & (cols_dv[None, :] < v_dim),
-                other=0.0,
-            )
-            acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
-            row_max = new_max
-        out = acc / row_sum[:, None]
-        tl.store(
-            Out + bh * q_len * v_dim + rows[:, None] * v_dim + cols_dv[None, :],
-            out.to(Out.dtype.element_ty),
-            mask=(rows[:, None] < q_len) & (cols_dv[None, :] < v_dim),
+            keep = keep & (rows[:, None] + causal_offset >= keys[None, :])
+        scores = tl.where(keep, scores, float("-inf"))
+        new_max = tl.maximum(row_max, tl.max(scores, 1))
+        probs = tl.exp(scores - new_max[:, None])
+        correction = tl.exp(row_max - new_max)
+        row_sum = row_sum * correction + tl.sum(probs, 1)
+        v = tl.load(
+            V + bh * k_len * v_dim + keys[:, None] * v_dim + cols_dv[None, :],
+            mask=(keys[:, None] < k_len) & (cols_dv[None, :] < v_dim),
+            other=0.0,
         )
-        tl.store(Lse + bh * q_len + rows, row_max + tl.log(row_sum), mask=rows < q_len)
+        acc = acc * correction[:, None] + tl.dot(probs.to(v.dtype), v, input_precision="ieee")
+        row_max = new_max
+    tl.store(
+        Out + bh * q_len * v_dim + rows[:, None] * v_dim + cols_dv[None, :],
+        (acc / row_sum[:, None]).to(Out.dtype.element_ty),
+        mask=(rows[:, None] < q_len) & (cols_dv[None, :] < v_dim),
+    )
+    tl.store(Lse + bh * q_len + rows, row_max + tl.log(row_sum), mask=rows < q_len)
+
+
+def use_triton_interpreter() -> None:
+    """Run Triton kernels on CPU tensors through Triton's interpreter (for machines without a
+    GPU; slow): sets ``TRITON_INTERPRET=1``. Triton reads it when ``triton.language`` is
+    first imported, so call this before that (the lab's first cell; ``tests/conftest.py``)."""
+    if "triton.language" in sys.modules and not _interpreted():
+        raise RuntimeError(
+            "triton was imported before use_triton_interpreter(): call it first "
+            "(restart the kernel)"
+        )
+    os.environ["TRITON_INTERPRET"] = "1"
+
+
+def _interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET") == "1"
+
+
+@functools.cache
+def _forward_kernel():
+    """Import triton and compile :func:`_flash_forward_kernel` with ``triton.jit``."""
+    global tl
+    import triton
+    import triton.language as tl
+
+    return triton.jit(_flash_forward_kernel)
 
 
 def triton_flash_attention_forward(
@@ -346,12 +369,11 @@ def triton_flash_attention_forward(
     """The FlashAttention-2 forward pass as a Triton kernel; same contract as
     :func:`flash_attention_forward` (out (B, H, T, Dv) in q's dtype, lse (B, H, T) float32).
 
-    Runs on CUDA tensors on a GPU, and on CPU tensors under ``TRITON_INTERPRET=1`` (set by
-    this module on import when no GPU is present). Block sizes must be powers of two and at
-    least 16 (``tl.dot``'s minimum); the interpreter is fastest with large blocks. The
-    interpreter has no bfloat16 arithmetic: use float32 or float16 on CPU.
+    Runs on CUDA tensors on a GPU, and on CPU tensors after :func:`use_triton_interpreter`.
+    Block sizes must be powers of two and at least 16 (``tl.dot``'s minimum); the interpreter
+    is fastest with large blocks and has no bfloat16 arithmetic: use float32 or float16 on CPU.
     """
-    if triton is None:
+    if importlib.util.find_spec("triton") is None:
         raise RuntimeError(
             "triton_flash_attention_forward needs the `triton` package (pip install triton); "
             "the PyTorch flash_attention_forward works without it"
@@ -360,11 +382,11 @@ def triton_flash_attention_forward(
     for name, size in (("block_size_q", block_size_q), ("block_size_k", block_size_k)):
         if size < 16 or size & (size - 1):
             raise ValueError(f"{name} must be a power of two >= 16 for Triton, got {size}")
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    interpreted = _interpreted()
     if q.device.type != "cuda" and not interpreted:
         raise ValueError(
-            f"tensors on {q.device} need Triton's interpreter: set TRITON_INTERPRET=1 before "
-            "importing utils.flash_attention, or move q, k, v to a GPU"
+            f"tensors on {q.device} need Triton's interpreter: call "
+            "utils.flash_attention.use_triton_interpreter() first, or move q, k, v to a GPU"
         )
     if interpreted and q.dtype == torch.bfloat16:
         raise TypeError("Triton's interpreter has no bfloat16 arithmetic; use float32 or float16")
@@ -373,8 +395,9 @@ def triton_flash_attention_forward(
     q3, k3, v3 = (x.reshape(batch * heads, *x.shape[-2:]).contiguous() for x in (q, k, v))
     out = torch.empty(batch * heads, q_len, v_dim, dtype=q.dtype, device=q.device)
     lse = torch.empty(batch * heads, q_len, dtype=torch.float32, device=q.device)
-    grid = (triton.cdiv(q_len, block_size_q), batch * heads)
-    _flash_forward_kernel[grid](
+    kernel = _forward_kernel()
+    grid = (math.ceil(q_len / block_size_q), batch * heads)
+    kernel[grid](
         q3,
         k3,
         v3,
@@ -389,74 +412,7 @@ def triton_flash_attention_forward(
         IS_CAUSAL=is_causal,
         BLOCK_M=block_size_q,
         BLOCK_N=block_size_k,
-        BLOCK_D=max(16, triton.next_power_of_2(head_dim)),
-        BLOCK_DV=max(16, triton.next_power_of_2(v_dim)),
+        BLOCK_D=max(16, 1 << (head_dim - 1).bit_length()),  # next power of two
+        BLOCK_DV=max(16, 1 << (v_dim - 1).bit_length()),
     )
     return out.view(batch, heads, q_len, v_dim), lse.view(batch, heads, q_len)
-
-
-# ---------------------------------------------------------------------------------------------
-# Measuring memory: live tensor bytes, on any device
-# ---------------------------------------------------------------------------------------------
-
-
-class TensorMemoryTracker(TorchDispatchMode):
-    """Watches every torch operation run inside it (``with TensorMemoryTracker() as t:``).
-
-    Records ``peak_bytes``, the most bytes of tensor storage created inside the block and
-    alive at the same time (a storage is counted once however many views share it, and
-    released when its last Python tensor is garbage-collected), the ``largest`` tensor created
-    as ``(numel, shape, op name)``, and ``op_counts`` per ATen operator. Storage of the
-    tensors passed as ``inputs`` is never counted. It sees tensors, not the allocator: buffers
-    an operator allocates privately inside one kernel are invisible (so fused kernels such as
-    torch's SDPA look lighter than they are; ``benchmarks/attention_memory.py`` also reports
-    the process's resident memory).
-    """
-
-    def __init__(self, inputs: tuple[Tensor, ...] = ()) -> None:
-        super().__init__()
-        self._ignored = {x.untyped_storage().data_ptr() for x in inputs if isinstance(x, Tensor)}
-        self._live: dict[int, list[int]] = {}  # storage pointer -> [bytes, live Python tensors]
-        self.live_bytes = self.peak_bytes = 0
-        self.largest: tuple[int, tuple[int, ...], str] = (0, (), "")
-        self.op_counts: Counter[str] = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        name = func.overloadpacket.__name__
-        self.op_counts[name] += 1
-        for tensor in tree_leaves(out):
-            if isinstance(tensor, Tensor):
-                self._track(tensor, name)
-        return out
-
-    def _track(self, tensor: Tensor, op: str) -> None:
-        if tensor.numel() > self.largest[0]:
-            self.largest = (tensor.numel(), tuple(tensor.shape), op)
-        storage = tensor.untyped_storage()
-        pointer = storage.data_ptr()
-        if pointer in self._ignored or pointer == 0:
-            return
-        entry = self._live.setdefault(pointer, [storage.nbytes(), 0])
-        if entry[1] == 0:
-            self.live_bytes += entry[0]
-            self.peak_bytes = max(self.peak_bytes, self.live_bytes)
-        entry[1] += 1
-        weakref.finalize(tensor, self._release, pointer)
-
-    def _release(self, pointer: int) -> None:
-        entry = self._live.get(pointer)
-        if entry is None:
-            return
-        entry[1] -= 1
-        if entry[1] == 0:
-            self.live_bytes -= entry[0]
-            del self._live[pointer]
-
-
-def measure_peak_memory(fn, *args, **kwargs) -> tuple[object, int]:
-    """Run ``fn(*args, **kwargs)`` under :class:`TensorMemoryTracker`; return (result, peak
-    bytes of tensors it created that were alive at once), not counting the tensor arguments."""
-    with TensorMemoryTracker(inputs=(*args, *kwargs.values())) as tracker:
-        result = fn(*args, **kwargs)
-    return result, tracker.peak_bytes

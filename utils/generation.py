@@ -221,6 +221,28 @@ def stream(model: nn.Module, idx: Tensor, max_new_tokens: int, **kwargs) -> Iter
 # ---------------------------------------------------------------------------------------------
 
 
+def _check_beam_inputs(model: nn.Module, idx: Tensor, max_new_tokens: int, num_beams: int) -> None:
+    _check_prompt(model, idx, max_new_tokens)
+    if idx.shape[0] != 1:
+        raise ValueError(f"beam_search takes one prompt of shape (1, T), got {tuple(idx.shape)}")
+    if num_beams < 1:
+        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+
+
+def _add_finished(
+    finished: list[tuple[float, Tensor]], beams: Tensor, ranked: tuple, num_beams: int, norm: float
+) -> list[tuple[float, Tensor]]:
+    """Add to ``finished`` the extensions ranked among the first ``num_beams`` that end, scored
+    ``sum_logprob / norm``; keep its best ``num_beams``. ``ranked`` = (parents, tokens,
+    summed log-probabilities, ends), best first."""
+    parents, tokens, scores, ends = ranked
+    for rank in range(min(num_beams, len(tokens))):
+        if ends[rank]:
+            sequence = torch.cat([beams[parents[rank]], tokens[rank : rank + 1]])
+            finished.append((float(scores[rank]) / norm, sequence))
+    return sorted(finished, key=lambda item: -item[0])[:num_beams]
+
+
 @torch.no_grad()
 def beam_search(
     model: nn.Module,
@@ -243,46 +265,28 @@ def beam_search(
     ``False`` continues while a running beam could still beat the worst finished one
     (estimated at the current length, as Hugging Face does).
 
-    Args:
-        idx: (1, T) one prompt. The other arguments as :func:`generate`.
-
-    Returns:
-        (1, T + N): the prompt and the best finished hypothesis.
+    ``idx`` (1, T) is one prompt; returns (1, T + N), the prompt and the best finished
+    hypothesis. The other arguments as :func:`generate`.
     """
-    _check_prompt(model, idx, max_new_tokens)
-    if idx.shape[0] != 1:
-        raise ValueError(f"beam_search takes one prompt of shape (1, T), got {tuple(idx.shape)}")
-    if num_beams < 1:
-        raise ValueError(f"num_beams must be >= 1, got {num_beams}")
+    _check_beam_inputs(model, idx, max_new_tokens, num_beams)
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=idx.device)
     candidates_per_step = max(2, 1 + len(stop)) * num_beams
-
     caches = model.new_kv_caches()
     beams = idx  # (n, T + step) running sequences; one beam until the first step
     beam_scores = torch.zeros(1, device=idx.device)  # (n,) summed log-probabilities
     finished: list[tuple[float, Tensor]] = []  # (normalized score, sequence), best first
     improvement_possible = True
     new_input = idx
-    for step in range(max_new_tokens):
+    for length in range(1, max_new_tokens + 1):  # length generated after this step
         log_probs = F.log_softmax(_last_logits(model, new_input, caches), dim=-1)  # (n, V)
-        vocab_size = log_probs.shape[-1]
         totals = (log_probs + beam_scores[:, None]).reshape(-1)
         top_scores, top_flat = torch.topk(totals, min(candidates_per_step, totals.numel()))
-        parents, tokens = top_flat // vocab_size, top_flat % vocab_size
-        last_step = step == max_new_tokens - 1
-        ends = torch.isin(tokens, stop) | last_step
-        generated_length = step + 1
-
-        # finished hypotheses: only extensions ranked among the first num_beams count
-        pool_full = len(finished) == num_beams
-        if improvement_possible and not (pool_full and early_stopping):
-            for rank in range(min(num_beams, len(tokens))):
-                if ends[rank]:
-                    sequence = torch.cat([beams[parents[rank]], tokens[rank : rank + 1]])
-                    score = float(top_scores[rank]) / generated_length**length_penalty
-                    finished.append((score, sequence))
-            finished = sorted(finished, key=lambda item: -item[0])[:num_beams]
-        if last_step or bool(ends.all()):
+        parents, tokens = top_flat // log_probs.shape[-1], top_flat % log_probs.shape[-1]
+        ends = torch.isin(tokens, stop) | (length == max_new_tokens)
+        if improvement_possible and not (len(finished) == num_beams and early_stopping):
+            ranked = (parents, tokens, top_scores, ends)
+            finished = _add_finished(finished, beams, ranked, num_beams, length**length_penalty)
+        if length == max_new_tokens or bool(ends.all()):
             break
 
         # running beams: the best num_beams extensions that did not end
@@ -295,7 +299,7 @@ def beam_search(
 
         pool_full = len(finished) == num_beams
         if pool_full:
-            best_running = float(beam_scores[0]) / generated_length**length_penalty
+            best_running = float(beam_scores[0]) / length**length_penalty
             improvement_possible &= best_running > finished[-1][0]
         if (pool_full and early_stopping) or not improvement_possible:
             break

@@ -47,10 +47,14 @@ def gpt_config_from_hf(hf) -> GPTConfig:
     _require(hf.scale_attn_weights and not hf.scale_attn_by_inverse_layer_idx, "attention scale")
     _require(not hf.reorder_and_upcast_attn, "reorder_and_upcast_attn")
     return GPTConfig(
-        vocab_size=hf.vocab_size, block_size=hf.n_positions, n_layer=hf.n_layer,
-        n_head=hf.n_head, n_embd=hf.n_embd, dropout=hf.resid_pdrop,
+        vocab_size=hf.vocab_size,
+        block_size=hf.n_positions,
+        n_layer=hf.n_layer,
+        n_head=hf.n_head,
+        n_embd=hf.n_embd,
+        dropout=hf.resid_pdrop,
         layer_norm_eps=hf.layer_norm_epsilon,
-    )  # fmt: skip
+    )
 
 
 def llama_config_from_hf(hf) -> LlamaConfig:
@@ -60,13 +64,20 @@ def llama_config_from_hf(hf) -> LlamaConfig:
     _require(hf.hidden_act == "silu", f"activation {hf.hidden_act!r}")
     _require(hf.attention_bias == hf.mlp_bias, "attention_bias != mlp_bias (ours has one flag)")
     return LlamaConfig(
-        vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings,
-        n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads,
-        n_kv_head=hf.num_key_value_heads, n_embd=hf.hidden_size, ffn_dim=hf.intermediate_size,
-        head_dim=hf.head_dim, rope_theta=rope.get("rope_theta", 10000.0),
-        norm_eps=hf.rms_norm_eps, tie_embeddings=hf.tie_word_embeddings,
-        bias=hf.attention_bias, dropout=hf.attention_dropout,
-    )  # fmt: skip
+        vocab_size=hf.vocab_size,
+        block_size=hf.max_position_embeddings,
+        n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads,
+        n_kv_head=hf.num_key_value_heads,
+        n_embd=hf.hidden_size,
+        ffn_dim=hf.intermediate_size,
+        head_dim=hf.head_dim,
+        rope_theta=rope.get("rope_theta", 10000.0),
+        norm_eps=hf.rms_norm_eps,
+        tie_embeddings=hf.tie_word_embeddings,
+        bias=hf.attention_bias,
+        dropout=hf.attention_dropout,
+    )
 
 
 def bert_config_from_hf(hf) -> BertConfig:
@@ -74,11 +85,16 @@ def bert_config_from_hf(hf) -> BertConfig:
     _require(hf.hidden_act == "gelu", f"activation {hf.hidden_act!r}")
     _require(getattr(hf, "position_embedding_type", "absolute") == "absolute", "relative positions")
     return BertConfig(
-        vocab_size=hf.vocab_size, block_size=hf.max_position_embeddings,
-        n_layer=hf.num_hidden_layers, n_head=hf.num_attention_heads, n_embd=hf.hidden_size,
-        ffn_dim=hf.intermediate_size, type_vocab_size=hf.type_vocab_size,
-        dropout=hf.hidden_dropout_prob, layer_norm_eps=hf.layer_norm_eps,
-    )  # fmt: skip
+        vocab_size=hf.vocab_size,
+        block_size=hf.max_position_embeddings,
+        n_layer=hf.num_hidden_layers,
+        n_head=hf.num_attention_heads,
+        n_embd=hf.hidden_size,
+        ffn_dim=hf.intermediate_size,
+        type_vocab_size=hf.type_vocab_size,
+        dropout=hf.hidden_dropout_prob,
+        layer_norm_eps=hf.layer_norm_eps,
+    )
 
 
 _T5_ACTIVATIONS = {"relu": "relu", "gelu_new": "gelu_tanh", "gelu": "gelu", "silu": "silu"}
@@ -88,13 +104,21 @@ def t5_config_from_hf(hf) -> T5Config:
     """``transformers.T5Config`` -> :class:`T5Config`."""
     _require(hf.dense_act_fn in _T5_ACTIVATIONS, f"activation {hf.dense_act_fn!r}")
     return T5Config(
-        vocab_size=hf.vocab_size, n_embd=hf.d_model, head_dim=hf.d_kv, ffn_dim=hf.d_ff,
-        n_encoder_layer=hf.num_layers, n_decoder_layer=hf.num_decoder_layers,
-        n_head=hf.num_heads, num_buckets=hf.relative_attention_num_buckets,
-        max_distance=hf.relative_attention_max_distance, dropout=hf.dropout_rate,
-        norm_eps=hf.layer_norm_epsilon, activation=_T5_ACTIVATIONS[hf.dense_act_fn],
-        gated=hf.is_gated_act, scale_decoder_outputs=hf.scale_decoder_outputs,
-    )  # fmt: skip
+        vocab_size=hf.vocab_size,
+        n_embd=hf.d_model,
+        head_dim=hf.d_kv,
+        ffn_dim=hf.d_ff,
+        n_encoder_layer=hf.num_layers,
+        n_decoder_layer=hf.num_decoder_layers,
+        n_head=hf.num_heads,
+        num_buckets=hf.relative_attention_num_buckets,
+        max_distance=hf.relative_attention_max_distance,
+        dropout=hf.dropout_rate,
+        norm_eps=hf.layer_norm_epsilon,
+        activation=_T5_ACTIVATIONS[hf.dense_act_fn],
+        gated=hf.is_gated_act,
+        scale_decoder_outputs=hf.scale_decoder_outputs,
+    )
 
 
 _CONFIG_FROM_HF = {
@@ -199,9 +223,11 @@ def _t5_pairs(model: T5) -> Pairs:
         yield f"{stack}_norm.weight", f"{stack}.final_layer_norm.weight", None
         for i in range(len(getattr(model, stack))):
             ours, theirs = f"{stack}.{i}.", f"{stack}.block.{i}.layer."
-            attentions = [("attn", "0.SelfAttention")] if stack == "encoder" else [
-                ("self_attn", "0.SelfAttention"), ("cross_attn", "1.EncDecAttention")
-            ]  # fmt: skip
+            attentions = (
+                [("attn", "0.SelfAttention")]
+                if stack == "encoder"
+                else [("self_attn", "0.SelfAttention"), ("cross_attn", "1.EncDecAttention")]
+            )
             for name, sub in attentions:
                 yield f"{ours}{name}_norm.weight", f"{theirs}{sub[0]}.layer_norm.weight", None
                 for proj in ("q", "k", "v"):

@@ -25,7 +25,6 @@ import os
 import socket
 import tempfile
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -37,7 +36,8 @@ from torch.distributed.optim import ZeroRedundancyOptimizer
 from torch.distributed.tensor import DTensor
 from torch.nn.parallel import DistributedDataParallel
 
-from utils.training import Batch, TrainConfig, Trainer, parameter_groups
+from utils.optim import parameter_groups
+from utils.training import Batch, TrainConfig, Trainer
 from utils.transformer import FeedForward
 
 # ---------------------------------------------------------------------------------------------
@@ -112,19 +112,6 @@ def local_numel(tensors) -> int:
     return sum((t.to_local() if isinstance(t, DTensor) else t).numel() for t in tensors)
 
 
-@dataclass
-class DataParallelResult:
-    """What :func:`train_data_parallel` returns on each rank."""
-
-    losses: list[float]  # global batch loss per step (mean over the ranks' slices)
-    parameters: dict[str, Tensor]  # full parameters after training
-    parameter_numel: int  # parameter elements stored on this rank
-    optimizer_numel: int  # optimizer-state elements stored on this rank
-
-    def as_dict(self) -> dict:
-        return self.__dict__.copy()
-
-
 def _slice_batches(batches: Sequence[Batch], rank: int, world_size: int) -> Callable[[], Batch]:
     """A ``train_batches`` function that yields this rank's slice of each global batch."""
     stream = iter(batches)
@@ -150,7 +137,10 @@ def train_data_parallel(
     ``make_model()``, so every rank starts from the same weights. The global batch must
     split evenly across ranks for the losses to be the single-process ones.
 
-    Returns :class:`DataParallelResult` as a dict (plain types, so it can be saved).
+    Returns a dict of plain types (so it can be saved): ``losses``, the global batch loss per
+    step (mean over the ranks' slices); ``parameters``, the full parameters after training;
+    ``parameter_numel`` and ``optimizer_numel``, the parameter and optimizer-state elements
+    stored on this rank.
     """
     if strategy not in STRATEGIES:
         raise ValueError(f"strategy must be one of {STRATEGIES}, got {strategy!r}")
@@ -165,10 +155,9 @@ def train_data_parallel(
     wrapped = DistributedDataParallel(model) if strategy in ("ddp", "zero1") else model
     trainer = Trainer(wrapped, config, _slice_batches(batches, rank, world_size), loss_fn=loss_fn)
     if strategy == "zero1":  # the same two parameter groups, each rank updating a part
-        trainer.optimizer = ZeroRedundancyOptimizer(
-            parameter_groups(model, config.weight_decay), torch.optim.AdamW, lr=config.lr,
-            betas=config.betas, eps=config.eps,
-        )  # fmt: skip
+        groups = parameter_groups(model, config.weight_decay)
+        adam = {"lr": config.lr, "betas": config.betas, "eps": config.eps}
+        trainer.optimizer = ZeroRedundancyOptimizer(groups, torch.optim.AdamW, **adam)
     history = trainer.fit()
     losses = torch.tensor(history.train_loss, dtype=torch.float64)
     if distributed:
@@ -177,12 +166,12 @@ def train_data_parallel(
         states = trainer.optimizer.optim.state.values()  # this rank's partition
     else:
         states = trainer.optimizer.state.values()
-    return DataParallelResult(
-        losses=(losses / world_size).tolist(),
-        parameters=full_parameters(model),
-        parameter_numel=local_numel(model.parameters()),
-        optimizer_numel=local_numel(t for s in states for t in s.values() if t.dim() > 0),
-    ).as_dict()
+    return {
+        "losses": (losses / world_size).tolist(),
+        "parameters": full_parameters(model),
+        "parameter_numel": local_numel(model.parameters()),
+        "optimizer_numel": local_numel(t for s in states for t in s.values() if t.dim() > 0),
+    }
 
 
 def train_strategies(
@@ -383,7 +372,8 @@ def _demo_model() -> nn.Module:
 
 def _demo_batches(steps: int, batch_size: int = 8) -> list[Batch]:
     from utils.data import load_tinyshakespeare
-    from utils.training import RandomWindows, char_gpt_data
+    from utils.pretrained import char_gpt_data
+    from utils.training import RandomWindows
 
     _, train, _ = char_gpt_data(load_tinyshakespeare())
     windows = RandomWindows(train, block_size=32, batch_size=batch_size, seed=0)
@@ -404,21 +394,21 @@ def main() -> None:
     results = train_strategies(_demo_model, _demo_batches(config.max_iters), config, STRATEGIES)
     if rank == 0:
         print(f"{world_size} processes, backend {dist.get_backend()}")
-        print(f"{'strategy':<8} {'loss@1':>8} {'loss@20':>8} {'max |dparam|':>13} "
-              f"{'params/rank':>12} {'opt state/rank':>15}")  # fmt: skip
+        header = ("strategy", "loss@1", "loss@20", "max |dparam|", "params/rank", "opt state/rank")
+        print("{:<8} {:>8} {:>8} {:>13} {:>12} {:>15}".format(*header))
         for strategy, result in results.items():
             difference = _max_difference(result["parameters"], results["single"]["parameters"])
-            print(f"{strategy:<8} {result['losses'][0]:8.4f} {result['losses'][-1]:8.4f} "
-                  f"{difference:13.1e} {result['parameter_numel']:12,} "
-                  f"{result['optimizer_numel']:15,}")  # fmt: skip
+            first, last = result["losses"][0], result["losses"][-1]
+            numels = f"{result['parameter_numel']:12,} {result['optimizer_numel']:15,}"
+            print(f"{strategy:<8} {first:8.4f} {last:8.4f} {difference:13.1e} {numels}")
 
     torch.manual_seed(0)
     ffn = _demo_model().blocks[0].ffn
     x = torch.randn(4, 32, 32, generator=torch.Generator().manual_seed(0))
     difference = (ParallelFeedForward(ffn)(x) - ffn(x)).abs().max().item()
     if rank == 0:
-        print(f"tensor-parallel MLP, hidden units split {world_size} ways: "
-              f"max |output difference| = {difference:.1e}")  # fmt: skip
+        split = f"tensor-parallel MLP, hidden units split {world_size} ways"
+        print(f"{split}: max |output difference| = {difference:.1e}")
     dist.destroy_process_group()
 
 

@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-IGNORE_INDEX = -100
+IGNORE_INDEX = -100  # labels the losses skip: the default ignore_index of F.cross_entropy
 
 
 def _check_long(name: str, x: Tensor, dim: int | None = None) -> None:

@@ -17,22 +17,27 @@ online (e.g. Colab), each loader falls back to the public source (OpenAI's blob 
 Hugging Face Hub); otherwise it raises :class:`PretrainedUnavailableError` saying what to
 install. Loaded models are cached per process (the first SmolLM2 load takes about 30 s):
 the same objects are returned on every call, so do not modify them in place.
+
+The course's own character-level GPT on tiny Shakespeare (chapter 4 trains it, later chapters
+load it): :func:`char_gpt_data`, :func:`save_char_gpt`, :func:`load_char_gpt`.
 """
 
 from __future__ import annotations
 
 import functools
-import hashlib
 import importlib.util
-import os
+import json
 import unittest.mock
-import urllib.request
+from dataclasses import asdict
 from pathlib import Path
 
+import safetensors.torch
 import torch
-from torch import nn
+from torch import Tensor, nn
 
-from utils.tokenization import ByteLevelBPE
+from utils import data
+from utils.tokenization import ByteLevelBPE, CharTokenizer
+from utils.transformer import GPT, GPTConfig
 
 GPT2_RANKS_URL = "https://openaipublic.blob.core.windows.net/encodings/r50k_base.tiktoken"
 GPT2_RANKS_SHA256 = "306cd27f03c1a714eca7108e03d66b7dc042abe8c258b44c199a7ed9838dd930"
@@ -40,7 +45,6 @@ GPT2_END_OF_TEXT = {"<|endoftext|>": 50256}
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
-DOWNLOAD_TIMEOUT_S = 60
 
 
 class PretrainedUnavailableError(FileNotFoundError):
@@ -53,11 +57,6 @@ def package_dir(name: str) -> Path | None:
     if spec is None or not spec.submodule_search_locations:
         return None
     return Path(next(iter(spec.submodule_search_locations)))
-
-
-def _cache_dir() -> Path:
-    value = os.environ.get("COURSE_CACHE_DIR")
-    return Path(value).expanduser() if value else Path.home() / ".cache" / "transformers-llm-course"
 
 
 def _unavailable(
@@ -80,21 +79,13 @@ def gpt2_ranks_path() -> Path:
     whisper = package_dir("whisper")
     if whisper is not None and (whisper / "assets" / "gpt2.tiktoken").is_file():
         return whisper / "assets" / "gpt2.tiktoken"
-    cached = _cache_dir() / "gpt2" / "r50k_base.tiktoken"
-    if cached.is_file() and hashlib.sha256(cached.read_bytes()).hexdigest() == GPT2_RANKS_SHA256:
-        return cached
+    cached = data.cache_dir() / "gpt2" / "r50k_base.tiktoken"
     try:
-        with urllib.request.urlopen(GPT2_RANKS_URL, timeout=DOWNLOAD_TIMEOUT_S) as response:
-            data = response.read()
-        if hashlib.sha256(data).hexdigest() != GPT2_RANKS_SHA256:
-            raise ValueError(f"{GPT2_RANKS_URL} has an unexpected sha256")
+        return data.cached_download(GPT2_RANKS_URL, GPT2_RANKS_SHA256, cached)
     except (OSError, ValueError) as error:
         raise _unavailable(
             "GPT-2's BPE ranks (openai-whisper)", "pip install --no-deps openai-whisper", error
         ) from error
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_bytes(data)
-    return cached
 
 
 @functools.cache
@@ -212,3 +203,36 @@ def load_smollm2() -> tuple[nn.Module, object]:
 
     hf_model, tokenizer = load_smollm2_hf()
     return from_hf(hf_model).eval(), tokenizer
+
+
+# ---------------------------------------------------------------------------------------------
+# The course's character-level GPT on tiny Shakespeare
+# ---------------------------------------------------------------------------------------------
+
+
+def char_gpt_data(text: str, train_fraction: float = 0.9) -> tuple[CharTokenizer, Tensor, Tensor]:
+    """Tokenizer and (train, val) id streams of ``text``: the first 90 % trains, the rest
+    validates (nanoGPT's split of tiny Shakespeare)."""
+    tokenizer = CharTokenizer.from_text(text)
+    ids = tokenizer.encode(text)
+    split = int(train_fraction * len(ids))
+    return tokenizer, ids[:split], ids[split:]
+
+
+def save_char_gpt(path: str | Path, model: GPT, tokenizer: CharTokenizer, **info) -> None:
+    """Write a safetensors file: weights, plus the config, alphabet and ``info`` as metadata."""
+    metadata = {
+        "config": json.dumps(asdict(model.config)),
+        "chars": tokenizer.chars,
+        "info": json.dumps(info),
+    }
+    safetensors.torch.save_model(model, str(path), metadata=metadata)
+
+
+def load_char_gpt(path: str | Path) -> tuple[GPT, CharTokenizer, dict]:
+    """The model (in eval mode), its tokenizer and the ``info`` saved by :func:`save_char_gpt`."""
+    with safetensors.safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    model = GPT(GPTConfig(**json.loads(metadata["config"])))
+    safetensors.torch.load_model(model, str(path))
+    return model.eval(), CharTokenizer(metadata["chars"]), json.loads(metadata["info"])

@@ -20,7 +20,6 @@ quantization (int8 matmuls with activations quantized on the fly).
 from __future__ import annotations
 
 import copy
-import io
 import warnings
 
 import torch
@@ -161,10 +160,3 @@ def pytorch_dynamic_int8(model: nn.Module) -> nn.Module:
             copy.deepcopy(model), {nn.Linear}, dtype=torch.qint8
         )
     return model
-
-
-def state_dict_bytes(model: nn.Module) -> int:
-    """Size of ``torch.save(model.state_dict())`` in bytes (shared tensors counted once)."""
-    buffer = io.BytesIO()
-    torch.save(model.state_dict(), buffer)
-    return buffer.getbuffer().nbytes

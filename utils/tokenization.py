@@ -1,4 +1,5 @@
-"""A byte-level BPE tokenizer written from scratch (GPT-2 style).
+"""Tokenizers written from scratch: byte-level BPE (GPT-2 style) and, at the end, the
+character tokenizer of the course's tiny-Shakespeare GPT (:class:`CharTokenizer`).
 
 Byte-pair encoding (Sennrich et al. 2016) as GPT-2 uses it (Radford et al. 2019):
 
@@ -26,6 +27,8 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import regex
+import torch
+from torch import Tensor
 
 # GPT-2's pre-tokenization pattern (as in tiktoken's r50k_base): contractions, letters with
 # an optional leading space, numbers, other symbols, and whitespace (a run of spaces before a
@@ -51,6 +54,33 @@ def merge_pair(ids: Sequence[int], pair: tuple[int, int], new_id: int) -> list[i
             out.append(ids[i])
             i += 1
     return out
+
+
+def _count_pairs(
+    words: list[list[int]], counts: list[int]
+) -> tuple[Counter[tuple[int, int]], defaultdict[tuple[int, int], set[int]]]:
+    """Weighted count of every adjacent pair of ids in ``words`` (each word counted ``counts``
+    times), and for each pair the indices of the words that contain it."""
+    pair_counts: Counter[tuple[int, int]] = Counter()
+    where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
+    for index, (word, count) in enumerate(zip(words, counts, strict=True)):
+        for pair in zip(word, word[1:], strict=False):
+            pair_counts[pair] += count
+            where[pair].add(index)
+    return pair_counts, where
+
+
+def _push_counts(
+    heap: list, pairs: set[tuple[int, int]], pair_counts: Counter, where: dict
+) -> None:
+    """Push the new counts of ``pairs`` onto the heap; forget the pairs that no longer occur."""
+    for pair in pairs:
+        count = pair_counts[pair]
+        if count > 0:
+            heapq.heappush(heap, (-count, pair))
+        else:
+            del pair_counts[pair]
+            where.pop(pair, None)
 
 
 class ByteLevelBPE:
@@ -139,12 +169,7 @@ class ByteLevelBPE:
         words = [list(chunk.encode("utf-8")) for chunk in chunk_counts]
         counts = list(chunk_counts.values())
 
-        pair_counts: Counter[tuple[int, int]] = Counter()
-        where: defaultdict[tuple[int, int], set[int]] = defaultdict(set)
-        for index, (word, count) in enumerate(zip(words, counts, strict=True)):
-            for pair in zip(word, word[1:], strict=False):
-                pair_counts[pair] += count
-                where[pair].add(index)
+        pair_counts, where = _count_pairs(words, counts)
         heap = [(-count, pair) for pair, count in pair_counts.items()]
         heapq.heapify(heap)
 
@@ -169,13 +194,7 @@ class ByteLevelBPE:
                     where[new].add(index)
                     changed.add(new)
                 words[index] = merged
-            for changed_pair in changed:
-                count = pair_counts[changed_pair]
-                if count > 0:
-                    heapq.heappush(heap, (-count, changed_pair))
-                else:
-                    del pair_counts[changed_pair]
-                    where.pop(changed_pair, None)
+            _push_counts(heap, changed, pair_counts, where)
         first_special = NUM_BYTES + len(merges)
         specials = {token: first_special + i for i, token in enumerate(special_tokens)}
         return cls(merges, special_tokens=specials, pattern=pattern)
@@ -397,3 +416,32 @@ def recover_merges(ranks: dict[bytes, int]) -> list[tuple[int, int]]:
             )
         merges.append((ranks[parts[0]], ranks[parts[1]]))
     return merges
+
+
+class CharTokenizer:
+    """One token per character of a fixed alphabet (e.g. the 65 of tiny Shakespeare)."""
+
+    def __init__(self, chars: str) -> None:
+        if len(set(chars)) != len(chars):
+            raise ValueError("chars must not repeat a character")
+        self.chars = chars
+        self.index = {c: i for i, c in enumerate(chars)}
+
+    @classmethod
+    def from_text(cls, text: str) -> CharTokenizer:
+        return cls("".join(sorted(set(text))))
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.chars)
+
+    def encode(self, text: str) -> Tensor:
+        """str -> (N,) int64 ids; ``ValueError`` for a character outside the alphabet."""
+        unknown = set(text) - self.index.keys()
+        if unknown:
+            raise ValueError(f"text has characters outside the alphabet: {sorted(unknown)}")
+        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
+
+    def decode(self, ids: Iterable[int] | Tensor) -> str:
+        ids = ids.tolist() if isinstance(ids, Tensor) else ids
+        return "".join(self.chars[i] for i in ids)

@@ -1,9 +1,5 @@
 """The course's training loop and what it is made of.
 
-- :class:`AdamW`: Adam with decoupled weight decay (Loshchilov and Hutter 2019), written out;
-  it matches ``torch.optim.AdamW`` step for step. :func:`configure_adamw` builds PyTorch's
-  AdamW with two parameter groups: matrices decay, biases and norm gains do not.
-- :func:`lr_at`: linear warmup, then cosine or linear decay to ``min_lr`` (or constant).
 - :class:`Trainer`: gradient accumulation, gradient clipping, gradient noise (Neelakantan et
   al. 2015), mixed precision (bfloat16 autocast on CPU, float16 with a gradient scaler on
   CUDA; Micikevicius et al. 2018), optional gradient checkpointing (Chen et al. 2016),
@@ -11,149 +7,36 @@
   :class:`History` of losses, learning rates and gradient norms, and checkpoints (loaded with
   ``weights_only=True``) from which a run continues with exactly the losses of an
   uninterrupted one.
-- Data for language models: :class:`CharTokenizer`, :class:`RandomWindows` (training batches
-  with their own random generator) and :func:`sequential_windows` (fixed evaluation batches).
-- The course's character-level GPT on tiny Shakespeare: :func:`char_gpt_data`,
-  :func:`save_char_gpt` and :func:`load_char_gpt` (the checkpoint later chapters load).
+- Batches for language models: :class:`RandomWindows` (training batches with their own
+  random generator) and :func:`sequential_windows` (fixed evaluation batches).
+
+The optimizer and schedules are in :mod:`utils.optim`, activation-memory measurement in
+:mod:`utils.memory`, the character tokenizer in :mod:`utils.tokenization` and the course's
+character-level GPT (data, save, load) in :mod:`utils.pretrained`.
 
 Shape letters: B batch, T sequence length, V vocabulary.
 """
 
 from __future__ import annotations
 
-import json
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
-import safetensors.torch
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
-from utils.transformer import GPT, GPTConfig
+from utils.optim import configure_adamw, lr_at
 
 Batch = tuple[Tensor, Tensor]
 
 # ---------------------------------------------------------------------------------------------
-# Optimizer
-# ---------------------------------------------------------------------------------------------
-
-
-class AdamW(torch.optim.Optimizer):
-    """AdamW written out (Loshchilov and Hutter 2019), for teaching; same numbers as
-    ``torch.optim.AdamW``. For each parameter p with gradient g, at step t:
-
-        p <- p * (1 - lr * weight_decay)              decoupled weight decay
-        m <- beta1 * m + (1 - beta1) * g              first moment (momentum)
-        v <- beta2 * v + (1 - beta2) * g^2            second moment
-        p <- p - lr * m_hat / (sqrt(v_hat) + eps),    m_hat = m / (1 - beta1^t),
-                                                      v_hat = v / (1 - beta2^t)
-    """
-
-    def __init__(
-        self,
-        params,
-        lr: float = 1e-3,
-        betas: tuple[float, float] = (0.9, 0.999),
-        eps: float = 1e-8,
-        weight_decay: float = 1e-2,
-    ) -> None:
-        if lr < 0 or eps < 0 or weight_decay < 0:
-            raise ValueError(f"lr, eps, weight_decay must be >= 0, got {lr}, {eps}, {weight_decay}")
-        if not all(0.0 <= beta < 1.0 for beta in betas):
-            raise ValueError(f"betas must be in [0, 1), got {betas}")
-        super().__init__(params, dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay))
-
-    @torch.no_grad()
-    def step(self, closure=None):
-        for group in self.param_groups:
-            beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if not state:
-                    state["step"] = 0
-                    state["exp_avg"] = torch.zeros_like(p)
-                    state["exp_avg_sq"] = torch.zeros_like(p)
-                state["step"] += 1
-                t, m, v = state["step"], state["exp_avg"], state["exp_avg_sq"]
-                p.mul_(1 - group["lr"] * group["weight_decay"])
-                m.lerp_(p.grad, 1 - beta1)
-                v.mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                denominator = (v.sqrt() / math.sqrt(1 - beta2**t)).add_(group["eps"])
-                p.addcdiv_(m, denominator, value=-group["lr"] / (1 - beta1**t))
-
-
-def parameter_groups(model: nn.Module, weight_decay: float) -> list[dict]:
-    """Two AdamW parameter groups: weight matrices and embeddings (dim >= 2) decay; biases and
-    normalisation gains (dim < 2) do not. Tied parameters appear once."""
-    params = list(dict.fromkeys(p for p in model.parameters() if p.requires_grad))
-    return [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
-    ]
-
-
-def configure_adamw(
-    model: nn.Module,
-    lr: float,
-    weight_decay: float,
-    betas: tuple[float, float] = (0.9, 0.99),
-    eps: float = 1e-8,
-    fused: bool = False,
-) -> torch.optim.AdamW:
-    """``torch.optim.AdamW`` over :func:`parameter_groups` (``fused`` uses one fused kernel)."""
-    return torch.optim.AdamW(
-        parameter_groups(model, weight_decay), lr=lr, betas=betas, eps=eps, fused=fused or None
-    )
-
-
-# ---------------------------------------------------------------------------------------------
-# Learning-rate schedules
-# ---------------------------------------------------------------------------------------------
-
-SCHEDULES = ("cosine", "linear", "constant")
-
-
-def lr_at(
-    step: int,
-    *,
-    lr: float,
-    max_iters: int,
-    warmup_iters: int = 0,
-    min_lr: float = 0.0,
-    schedule: str = "cosine",
-) -> float:
-    """Learning rate of optimizer step ``step`` (0-based).
-
-    Warmup: ``lr * (step + 1) / warmup_iters`` for the first ``warmup_iters`` steps, reaching
-    ``lr`` at step ``warmup_iters - 1``. Then ``cosine``: ``min_lr + (lr - min_lr) *
-    (1 + cos(pi * p)) / 2``, or ``linear``: ``lr - (lr - min_lr) * p``, with ``p`` going from 0
-    at step ``warmup_iters`` to 1 at step ``max_iters`` (``min_lr`` afterwards); ``constant``
-    stays at ``lr``.
-    """
-    if schedule not in SCHEDULES:
-        raise ValueError(f"schedule must be one of {SCHEDULES}, got {schedule!r}")
-    if not 0 <= warmup_iters <= max_iters:
-        raise ValueError(f"need 0 <= warmup_iters <= max_iters, got {warmup_iters}, {max_iters}")
-    if step < warmup_iters:
-        return lr * (step + 1) / warmup_iters
-    if schedule == "constant":
-        return lr
-    progress = min(1.0, (step - warmup_iters) / max(1, max_iters - warmup_iters))
-    if schedule == "cosine":
-        return min_lr + (lr - min_lr) * 0.5 * (1.0 + math.cos(math.pi * progress))
-    return lr - (lr - min_lr) * progress
-
-
-# ---------------------------------------------------------------------------------------------
-# Gradient checkpointing and activation memory
+# Gradient checkpointing
 # ---------------------------------------------------------------------------------------------
 
 
@@ -178,56 +61,9 @@ def enable_gradient_checkpointing(model: nn.Module) -> None:
             block._checkpointed = True
 
 
-def saved_tensor_bytes(fn: Callable[[], Tensor]) -> int:
-    """Bytes the autograd graph of ``fn()`` keeps for the backward pass.
-
-    Counts each tensor saved by a backward function once (by storage), parameters included;
-    the memory that activation checkpointing saves shows up as a smaller count.
-    """
-    storages: dict[int, int] = {}
-
-    def pack(tensor: Tensor) -> Tensor:
-        storage = tensor.untyped_storage()
-        storages[storage.data_ptr()] = storage.nbytes()
-        return tensor
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
-        fn()
-    return sum(storages.values())
-
-
 # ---------------------------------------------------------------------------------------------
 # Data for language models
 # ---------------------------------------------------------------------------------------------
-
-
-class CharTokenizer:
-    """One token per character of a fixed alphabet (e.g. the 65 of tiny Shakespeare)."""
-
-    def __init__(self, chars: str) -> None:
-        if len(set(chars)) != len(chars):
-            raise ValueError("chars must not repeat a character")
-        self.chars = chars
-        self.index = {c: i for i, c in enumerate(chars)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    @property
-    def vocab_size(self) -> int:
-        return len(self.chars)
-
-    def encode(self, text: str) -> Tensor:
-        """str -> (N,) int64 ids; ``ValueError`` for a character outside the alphabet."""
-        unknown = set(text) - self.index.keys()
-        if unknown:
-            raise ValueError(f"text has characters outside the alphabet: {sorted(unknown)}")
-        return torch.tensor([self.index[c] for c in text], dtype=torch.long)
-
-    def decode(self, ids: Iterable[int] | Tensor) -> str:
-        ids = ids.tolist() if isinstance(ids, Tensor) else ids
-        return "".join(self.chars[i] for i in ids)
 
 
 def _check_tokens(tokens: Tensor, block_size: int) -> None:
@@ -539,36 +375,3 @@ class Trainer:
         """Restore a :meth:`save_checkpoint` file (tensors and plain Python types only:
         ``weights_only=True`` never runs code from the file)."""
         self.load_state_dict(torch.load(path, map_location=self.device, weights_only=True))
-
-
-# ---------------------------------------------------------------------------------------------
-# The course's character-level GPT on tiny Shakespeare
-# ---------------------------------------------------------------------------------------------
-
-
-def char_gpt_data(text: str, train_fraction: float = 0.9) -> tuple[CharTokenizer, Tensor, Tensor]:
-    """Tokenizer and (train, val) id streams of ``text``: the first 90 % trains, the rest
-    validates (nanoGPT's split of tiny Shakespeare)."""
-    tokenizer = CharTokenizer.from_text(text)
-    ids = tokenizer.encode(text)
-    split = int(train_fraction * len(ids))
-    return tokenizer, ids[:split], ids[split:]
-
-
-def save_char_gpt(path: str | Path, model: GPT, tokenizer: CharTokenizer, **info) -> None:
-    """Write a safetensors file: weights, plus the config, alphabet and ``info`` as metadata."""
-    metadata = {
-        "config": json.dumps(asdict(model.config)),
-        "chars": tokenizer.chars,
-        "info": json.dumps(info),
-    }
-    safetensors.torch.save_model(model, str(path), metadata=metadata)
-
-
-def load_char_gpt(path: str | Path) -> tuple[GPT, CharTokenizer, dict]:
-    """The model (in eval mode), its tokenizer and the ``info`` saved by :func:`save_char_gpt`."""
-    with safetensors.safe_open(str(path), framework="pt") as f:
-        metadata = f.metadata()
-    model = GPT(GPTConfig(**json.loads(metadata["config"])))
-    safetensors.torch.load_model(model, str(path))
-    return model.eval(), CharTokenizer(metadata["chars"]), json.loads(metadata["info"])

@@ -20,87 +20,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from utils import checks
 from utils.attention import KVCache, MultiHeadAttention
+from utils.layers import FeedForward, LayerNorm, RMSNorm
 from utils.positional_encoding import (
     LearnedPositionalEmbedding,
     RelativePositionBias,
     RotaryEmbedding,
     SinusoidalPositionalEncoding,
 )
-
-# ---------------------------------------------------------------------------------------------
-# Normalisation and feed-forward
-# ---------------------------------------------------------------------------------------------
-
-
-class LayerNorm(nn.Module):
-    """LayerNorm (Ba et al. 2016) over the last dimension, with an optional bias (nanoGPT).
-
-    (..., E) -> (..., E): subtract the mean, divide by the standard deviation, scale, shift.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
-
-    def forward(self, x: Tensor) -> Tensor:
-        return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
-
-
-class RMSNorm(nn.Module):
-    """RMSNorm (Zhang and Sennrich 2019), also T5's ``T5LayerNorm``: no mean, no bias.
-
-    (..., E) -> (..., E): ``weight * x / sqrt(mean(x^2) + eps)``, computed in float32.
-    """
-
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
-        super().__init__()
-        self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-
-    def forward(self, x: Tensor) -> Tensor:
-        variance = x.float().pow(2).mean(-1, keepdim=True)
-        return self.weight * (x.float() * torch.rsqrt(variance + self.eps)).to(x.dtype)
-
-
-ACTIVATIONS = {
-    "relu": F.relu,
-    "gelu": F.gelu,  # exact (erf) GELU: BERT
-    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),  # GPT-2's "gelu_new"
-    "silu": F.silu,  # with gated=True: SwiGLU (Llama)
-}
-
-
-class FeedForward(nn.Module):
-    """Position-wise feed-forward network: (B, T, E) -> (B, T, E).
-
-    Plain: ``fc_out(act(fc_in(x)))``. Gated (GLU family, Shazeer 2020):
-    ``fc_out(act(fc_gate(x)) * fc_in(x))``; ``activation="silu", gated=True`` is SwiGLU.
-    """
-
-    def __init__(
-        self,
-        dim: int,
-        hidden: int,
-        activation: str = "gelu",
-        gated: bool = False,
-        bias: bool = True,
-    ) -> None:
-        super().__init__()
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
-        self.activation, self.act = activation, ACTIVATIONS[activation]
-        self.fc_gate = nn.Linear(dim, hidden, bias=bias) if gated else None
-        self.fc_in = nn.Linear(dim, hidden, bias=bias)
-        self.fc_out = nn.Linear(hidden, dim, bias=bias)
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.fc_gate is None:
-            return self.fc_out(self.act(self.fc_in(x)))
-        return self.fc_out(self.act(self.fc_gate(x)) * self.fc_in(x))
-
 
 # ---------------------------------------------------------------------------------------------
 # Blocks
@@ -159,18 +87,6 @@ def _feed_forward(config: BlockConfig) -> FeedForward:
     return FeedForward(config.n_embd, config.ffn_dim, config.activation, config.gated, config.bias)
 
 
-def sublayer_connection(
-    x: Tensor, norm: nn.Module, sublayer, dropout: nn.Module, pre_norm: bool
-) -> Tensor:
-    """Residual connection around ``sublayer`` (B, T, E) -> (B, T, E).
-
-    Pre-LN: ``x + dropout(sublayer(norm(x)))``; post-LN: ``norm(x + dropout(sublayer(x)))``.
-    """
-    if pre_norm:
-        return x + dropout(sublayer(norm(x)))
-    return norm(x + dropout(sublayer(x)))
-
-
 class EncoderBlock(nn.Module):
     """Self-attention then feed-forward, each with a residual connection: (B, T, E) -> (B, T, E).
 
@@ -196,18 +112,18 @@ class EncoderBlock(nn.Module):
     ) -> Tensor:
         """x (B, T, E); attn_mask broadcastable to (B, H, T, S) (bool or additive bias);
         key_mask (B, S) bool, True = real token; kv_cache for incremental decoding."""
-
-        def attend(h: Tensor) -> Tensor:
-            return self.attn(
-                h, attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, kv_cache=kv_cache
-            )
-
-        x = sublayer_connection(x, self.attn_norm, attend, self.dropout, self.pre_norm)
-        return sublayer_connection(x, self.ffn_norm, self.ffn, self.dropout, self.pre_norm)
+        masks = dict(attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, kv_cache=kv_cache)
+        if self.pre_norm:  # GPT-2, T5, Llama: x + f(norm(x))
+            x = x + self.dropout(self.attn(self.attn_norm(x), **masks))
+            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        else:  # the original Transformer, BERT: norm(x + f(x))
+            x = self.attn_norm(x + self.dropout(self.attn(x, **masks)))
+            x = self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return x
 
 
 class DecoderOnlyBlock(EncoderBlock):
-    """The GPT/Llama block: masked (causal) self-attention then feed-forward."""
+    """The GPT/Llama block: the same layers, causal self-attention by default."""
 
     def forward(self, x: Tensor, *, is_causal: bool = True, **kwargs) -> Tensor:
         return super().forward(x, is_causal=is_causal, **kwargs)
@@ -240,62 +156,23 @@ class DecoderBlock(nn.Module):
         """x (B, T, E) target states; memory (B, S, E) encoder output;
         self_attn_mask broadcastable to (B, H, T, T_total) (e.g. T5's position bias);
         key_mask (B, T_total) target padding; memory_mask (B, S) source padding."""
-
-        def self_attend(h: Tensor) -> Tensor:
-            return self.self_attn(
-                h, attn_mask=self_attn_mask, key_mask=key_mask, is_causal=True, kv_cache=kv_cache
-            )
-
-        def cross_attend(h: Tensor) -> Tensor:
-            return self.cross_attn(h, memory, key_mask=memory_mask)
-
-        x = sublayer_connection(x, self.self_attn_norm, self_attend, self.dropout, self.pre_norm)
-        x = sublayer_connection(x, self.cross_attn_norm, cross_attend, self.dropout, self.pre_norm)
-        return sublayer_connection(x, self.ffn_norm, self.ffn, self.dropout, self.pre_norm)
+        masks = dict(attn_mask=self_attn_mask, key_mask=key_mask, is_causal=True, kv_cache=kv_cache)
+        if self.pre_norm:  # x + f(norm(x))
+            x = x + self.dropout(self.self_attn(self.self_attn_norm(x), **masks))
+            h = self.cross_attn_norm(x)
+            x = x + self.dropout(self.cross_attn(h, memory, key_mask=memory_mask))
+            x = x + self.dropout(self.ffn(self.ffn_norm(x)))
+        else:  # norm(x + f(x))
+            x = self.self_attn_norm(x + self.dropout(self.self_attn(x, **masks)))
+            h = self.cross_attn(x, memory, key_mask=memory_mask)
+            x = self.cross_attn_norm(x + self.dropout(h))
+            x = self.ffn_norm(x + self.dropout(self.ffn(x)))
+        return x
 
 
 # ---------------------------------------------------------------------------------------------
-# Shared helpers for the models
+# Initialisation
 # ---------------------------------------------------------------------------------------------
-
-
-def _check_ids(idx: Tensor, name: str = "idx") -> None:
-    if not isinstance(idx, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor of token ids, got {type(idx).__name__}")
-    if idx.dtype.is_floating_point or idx.dtype.is_complex or idx.dtype == torch.bool:
-        raise ValueError(f"{name} must hold integer token ids, got dtype {idx.dtype}")
-    if idx.dim() != 2:
-        raise ValueError(f"{name} must have shape (B, T), got {tuple(idx.shape)}")
-
-
-def _key_mask(attention_mask: Tensor | None, batch: int, length: int, name: str) -> Tensor | None:
-    """Validate a (B, S) padding mask (bool, or 0/1 integers) and return it as bool."""
-    if attention_mask is None:
-        return None
-    if not isinstance(attention_mask, Tensor):
-        raise TypeError(f"{name} must be a torch.Tensor, got {type(attention_mask).__name__}")
-    if attention_mask.is_floating_point() or attention_mask.is_complex():
-        raise ValueError(f"{name} must be bool or 0/1 integers, got dtype {attention_mask.dtype}")
-    if attention_mask.shape != (batch, length):
-        raise ValueError(
-            f"{name} must have shape (B, S_total) = {(batch, length)} (cached + new tokens), "
-            f"got {tuple(attention_mask.shape)}"
-        )
-    return attention_mask.bool()
-
-
-def _cache_length(kv_caches: list[KVCache] | None, n_layer: int) -> int:
-    """Number of tokens already cached (0 without caches); checks one cache per layer."""
-    if kv_caches is None:
-        return 0
-    if len(kv_caches) != n_layer or not all(isinstance(c, KVCache) for c in kv_caches):
-        raise ValueError(f"kv_caches must be a list of {n_layer} KVCache (one per layer)")
-    return len(kv_caches[0])
-
-
-def _check_length(total: int, block_size: int) -> None:
-    if total > block_size:
-        raise ValueError(f"sequence length {total} exceeds block_size={block_size}")
 
 
 def init_weights(model: nn.Module, std: float = 0.02, residual_layers: int | None = None) -> None:
@@ -321,19 +198,26 @@ class GPTConfig:
     """GPT-2 small by default (124M parameters)."""
 
     vocab_size: int = 50257
-    block_size: int = 1024
+    block_size: int = 1024  # longest sequence (learned positions)
     n_layer: int = 12
     n_head: int = 12
-    n_embd: int = 768
+    n_embd: int = 768  # model width E; the feed-forward width is 4 E
     dropout: float = 0.0
-    bias: bool = True
+    bias: bool = True  # biases in the linear layers and LayerNorms
     layer_norm_eps: float = 1e-5
 
     def block_config(self) -> BlockConfig:
+        """GPT-2's block: pre-LN, tanh-GELU MLP of width 4 E, fused (E, 3E) qkv projection."""
         return BlockConfig(
-            self.n_embd, self.n_head, 4 * self.n_embd, activation="gelu_tanh",
-            norm_eps=self.layer_norm_eps, bias=self.bias, dropout=self.dropout, fused_qkv=True,
-        )  # fmt: skip
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            ffn_dim=4 * self.n_embd,
+            activation="gelu_tanh",
+            norm_eps=self.layer_norm_eps,
+            bias=self.bias,
+            dropout=self.dropout,
+            fused_qkv=True,
+        )
 
 
 class GPT(nn.Module):
@@ -343,18 +227,18 @@ class GPT(nn.Module):
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
         self.config = config
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        block = config.block_config()
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
         self.wpe = LearnedPositionalEmbedding(config.block_size, config.n_embd)
         self.drop = nn.Dropout(config.dropout)
-        block = config.block_config()
         self.blocks = nn.ModuleList(DecoderOnlyBlock(block) for _ in range(config.n_layer))
-        self.ln_f = make_norm(block)
+        self.ln_f = make_norm(block)  # final norm
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.lm_head.weight = self.wte.weight  # weight tying
         init_weights(self, residual_layers=config.n_layer)
 
     def new_kv_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in self.blocks]
+        return new_kv_caches(self.blocks)
 
     def forward(
         self,
@@ -369,18 +253,34 @@ class GPT(nn.Module):
         kv_caches: one KVCache per layer (``new_kv_caches()``); positions continue from
         the cache length, and the caches grow by T.
         """
-        _check_ids(idx)
-        offset = _cache_length(kv_caches, self.config.n_layer)
-        key_mask = _key_mask(attention_mask, idx.shape[0], offset + idx.shape[1], "attention_mask")
-        x = self.drop(self.wpe(self.wte(idx), offset=offset))
-        caches = kv_caches or [None] * self.config.n_layer
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x = block(x, key_mask=key_mask, kv_cache=cache)
-        return self.lm_head(self.ln_f(x))
+        offset, key_mask = check_decoder_inputs(self, idx, attention_mask, kv_caches)
+        x = self.drop(self.wpe(self.wte(idx), offset=offset))  # (B, T, E)
+        with checks.trusted():
+            for block, cache in zip(
+                self.blocks, kv_caches or [None] * len(self.blocks), strict=True
+            ):
+                x = block(x, key_mask=key_mask, kv_cache=cache)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
+
+
+def new_kv_caches(blocks: nn.ModuleList) -> list[KVCache]:
+    """One empty self-attention :class:`KVCache` per block."""
+    return [KVCache() for _ in blocks]
+
+
+def check_decoder_inputs(
+    model: nn.Module, idx: Tensor, attention_mask: Tensor | None, kv_caches: list | None
+) -> tuple[int, Tensor | None]:
+    """The boundary checks of a decoder-only model's ``forward``: token ids, one cache per
+    block, the padding mask; returns (cache length, bool key mask (B, S_total))."""
+    checks.token_ids(idx)
+    offset = checks.cache_length(kv_caches, len(model.blocks))
+    total = offset + idx.shape[1]
+    return offset, checks.padding_mask(attention_mask, idx.shape[0], total, "attention_mask")
 
 
 # ---------------------------------------------------------------------------------------------
-# Llama
+# Llama: what differs from GPT-2
 # ---------------------------------------------------------------------------------------------
 
 
@@ -403,16 +303,26 @@ class LlamaConfig:
     dropout: float = 0.0
 
     def block_config(self) -> BlockConfig:
+        """Llama's block: RMSNorm, SwiGLU feed-forward, grouped-query attention, no biases."""
         return BlockConfig(
-            self.n_embd, self.n_head, self.ffn_dim, n_kv_head=self.n_kv_head,
-            head_dim=self.head_dim, activation="silu", gated=True, norm="rmsnorm",
-            norm_eps=self.norm_eps, bias=self.bias, dropout=self.dropout,
-        )  # fmt: skip
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            ffn_dim=self.ffn_dim,
+            n_kv_head=self.n_kv_head,
+            head_dim=self.head_dim,
+            activation="silu",
+            gated=True,
+            norm="rmsnorm",
+            norm_eps=self.norm_eps,
+            bias=self.bias,
+            dropout=self.dropout,
+        )
 
 
 class Llama(nn.Module):
-    """A Llama-style decoder: RMSNorm, SwiGLU feed-forward, rotary positions (RoPE) and
-    grouped-query attention (``n_kv_head`` key/value heads shared by ``n_head`` queries)."""
+    """A Llama-style decoder. It differs from :class:`GPT` in RMSNorm, the SwiGLU
+    feed-forward, rotary positions (RoPE, applied to q and k inside attention instead of a
+    position embedding) and grouped-query attention (``n_kv_head`` key/value heads)."""
 
     def __init__(self, config: LlamaConfig) -> None:
         super().__init__()
@@ -420,19 +330,19 @@ class Llama(nn.Module):
         block = config.block_config()
         head_dim = config.head_dim or config.n_embd // config.n_head
         self.rotary = RotaryEmbedding(head_dim, base=config.rope_theta)
-        self.embed = nn.Embedding(config.vocab_size, config.n_embd)
+        self.embed = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             DecoderOnlyBlock(block, rotary=self.rotary) for _ in range(config.n_layer)
         )
-        self.norm = make_norm(block)
+        self.norm = make_norm(block)  # final norm
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
             self.lm_head.weight = self.embed.weight
         init_weights(self)
 
     def new_kv_caches(self) -> list[KVCache]:
-        return [KVCache() for _ in self.blocks]
+        return new_kv_caches(self.blocks)
 
     def forward(
         self,
@@ -442,15 +352,15 @@ class Llama(nn.Module):
         kv_caches: list[KVCache] | None = None,
     ) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, V); same mask and cache rules as :class:`GPT`."""
-        _check_ids(idx)
-        offset = _cache_length(kv_caches, self.config.n_layer)
-        _check_length(offset + idx.shape[1], self.config.block_size)
-        key_mask = _key_mask(attention_mask, idx.shape[0], offset + idx.shape[1], "attention_mask")
-        x = self.drop(self.embed(idx))
-        caches = kv_caches or [None] * self.config.n_layer
-        for block, cache in zip(self.blocks, caches, strict=True):
-            x = block(x, key_mask=key_mask, kv_cache=cache)
-        return self.lm_head(self.norm(x))
+        offset, key_mask = check_decoder_inputs(self, idx, attention_mask, kv_caches)
+        checks.sequence_length(offset + idx.shape[1], self.config.block_size)  # GPT: in wpe
+        x = self.drop(self.embed(idx))  # (B, T, E); positions: RoPE inside attention
+        with checks.trusted():
+            for block, cache in zip(
+                self.blocks, kv_caches or [None] * len(self.blocks), strict=True
+            ):
+                x = block(x, key_mask=key_mask, kv_cache=cache)
+        return self.lm_head(self.norm(x))  # (B, T, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -468,16 +378,22 @@ class BertConfig:
     n_head: int = 12
     n_embd: int = 768
     ffn_dim: int = 3072
-    type_vocab_size: int = 2
+    type_vocab_size: int = 2  # segments (sentence A / B)
     dropout: float = 0.1
     layer_norm_eps: float = 1e-12
     pooler: bool = True
 
     def block_config(self) -> BlockConfig:
+        """BERT's block: post-LN (``norm(x + f(x))``), exact-GELU feed-forward."""
         return BlockConfig(
-            self.n_embd, self.n_head, self.ffn_dim, activation="gelu", norm_eps=self.layer_norm_eps,
-            pre_norm=False, dropout=self.dropout,
-        )  # fmt: skip
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            ffn_dim=self.ffn_dim,
+            activation="gelu",
+            norm_eps=self.layer_norm_eps,
+            pre_norm=False,
+            dropout=self.dropout,
+        )
 
 
 class Bert(nn.Module):
@@ -488,9 +404,9 @@ class Bert(nn.Module):
         super().__init__()
         self.config = config
         block = config.block_config()
-        self.wte = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
         self.wpe = LearnedPositionalEmbedding(config.block_size, config.n_embd)
-        self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)
+        self.wtt = nn.Embedding(config.type_vocab_size, config.n_embd)  # segment embedding
         self.ln_emb = make_norm(block)
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(EncoderBlock(block) for _ in range(config.n_layer))
@@ -506,20 +422,21 @@ class Bert(nn.Module):
     ) -> Tensor:
         """idx (B, T) -> hidden states (B, T, E); token_type_ids (B, T) segment ids (default
         0); attention_mask (B, T), True = real token."""
-        _check_ids(idx)
-        key_mask = _key_mask(attention_mask, *idx.shape, "attention_mask")
+        checks.token_ids(idx)
+        key_mask = checks.padding_mask(attention_mask, *idx.shape, "attention_mask")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(idx)
-        _check_ids(token_type_ids, "token_type_ids")
+        checks.token_ids(token_type_ids, "token_type_ids")
         if token_type_ids.shape != idx.shape:
             raise ValueError(
                 f"token_type_ids must have the shape of idx {tuple(idx.shape)}, "
                 f"got {tuple(token_type_ids.shape)}"
             )
         x = self.drop(self.ln_emb(self.wpe(self.wte(idx) + self.wtt(token_type_ids))))
-        for block in self.blocks:
-            x = block(x, key_mask=key_mask)
-        return x
+        with checks.trusted():
+            for block in self.blocks:
+                x = block(x, key_mask=key_mask)
+        return x  # (B, T, E)
 
     def pool(self, hidden: Tensor) -> Tensor:
         """(B, T, E) hidden states -> (B, E) pooled [CLS] vector (for sentence tasks)."""
@@ -559,72 +476,22 @@ class BertForMaskedLM(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-class _EncoderDecoder(nn.Module):
-    """What the two encoder-decoder models share: ``encode``, ``decode`` and ``forward``.
+def check_source(src: Tensor, src_mask: Tensor | None) -> Tensor | None:
+    """Boundary checks of ``encode``: src (B, S) ids; returns the (B, S) bool padding mask."""
+    checks.token_ids(src, "src")
+    return checks.padding_mask(src_mask, *src.shape, "src_mask")
 
-    Subclasses set ``config``, ``encoder``/``decoder`` (ModuleLists), ``encoder_norm``/
-    ``decoder_norm`` (or None) and implement ``embed_source``, ``embed_target``,
-    ``encoder_bias``, ``decoder_bias`` and ``project``.
-    """
 
-    encoder: nn.ModuleList
-    decoder: nn.ModuleList
-    encoder_norm: nn.Module | None
-    decoder_norm: nn.Module | None
-
-    def new_kv_caches(self) -> list[KVCache]:
-        """One self-attention cache per decoder layer (cross-attention is recomputed)."""
-        return [KVCache() for _ in self.decoder]
-
-    def encode(self, src: Tensor, *, src_mask: Tensor | None = None) -> Tensor:
-        """src (B, S) token ids -> memory (B, S, E); src_mask (B, S), True = real token."""
-        _check_ids(src, "src")
-        key_mask = _key_mask(src_mask, *src.shape, "src_mask")
-        x = self.embed_source(src)
-        bias = self.encoder_bias(src.shape[1])
-        for block in self.encoder:
-            x = block(x, attn_mask=bias, key_mask=key_mask)
-        return x if self.encoder_norm is None else self.encoder_norm(x)
-
-    def decode(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        *,
-        tgt_mask: Tensor | None = None,
-        src_mask: Tensor | None = None,
-        kv_caches: list[KVCache] | None = None,
-    ) -> Tensor:
-        """tgt (B, T) ids and memory (B, S, E) -> logits (B, T, V).
-
-        tgt_mask (B, T_total) and src_mask (B, S): True = real token. With ``kv_caches``
-        the target positions continue from the cache length."""
-        _check_ids(tgt, "tgt")
-        offset = _cache_length(kv_caches, len(self.decoder))
-        key_mask = _key_mask(tgt_mask, tgt.shape[0], offset + tgt.shape[1], "tgt_mask")
-        memory_mask = _key_mask(src_mask, *memory.shape[:2], "src_mask")
-        x = self.embed_target(tgt, offset)
-        bias = self.decoder_bias(tgt.shape[1], offset)
-        caches = kv_caches or [None] * len(self.decoder)
-        for block, cache in zip(self.decoder, caches, strict=True):
-            x = block(
-                x, memory, self_attn_mask=bias, key_mask=key_mask, memory_mask=memory_mask,
-                kv_cache=cache,
-            )  # fmt: skip
-        x = x if self.decoder_norm is None else self.decoder_norm(x)
-        return self.project(x)
-
-    def forward(
-        self,
-        src: Tensor,
-        tgt: Tensor,
-        *,
-        src_mask: Tensor | None = None,
-        tgt_mask: Tensor | None = None,
-    ) -> Tensor:
-        """src (B, S) and tgt (B, T) token ids -> logits (B, T, V) (teacher forcing)."""
-        memory = self.encode(src, src_mask=src_mask)
-        return self.decode(tgt, memory, tgt_mask=tgt_mask, src_mask=src_mask)
+def check_target(
+    tgt: Tensor, memory: Tensor, masks: tuple[Tensor | None, Tensor | None], kv_caches, n_layer
+) -> tuple[int, Tensor | None, Tensor | None]:
+    """Boundary checks of ``decode``; ``masks`` = (tgt_mask, src_mask). Returns (cache length,
+    target key mask (B, T_total), memory key mask (B, S))."""
+    tgt_mask, src_mask = masks
+    checks.token_ids(tgt, "tgt")
+    offset = checks.cache_length(kv_caches, n_layer)
+    key_mask = checks.padding_mask(tgt_mask, tgt.shape[0], offset + tgt.shape[1], "tgt_mask")
+    return offset, key_mask, checks.padding_mask(src_mask, *memory.shape[:2], "src_mask")
 
 
 @dataclass
@@ -647,12 +514,17 @@ class TransformerConfig:
 
     def block_config(self) -> BlockConfig:
         return BlockConfig(
-            self.n_embd, self.n_head, self.ffn_dim, activation=self.activation,
-            norm_eps=self.norm_eps, pre_norm=self.pre_norm, dropout=self.dropout,
-        )  # fmt: skip
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            ffn_dim=self.ffn_dim,
+            activation=self.activation,
+            norm_eps=self.norm_eps,
+            pre_norm=self.pre_norm,
+            dropout=self.dropout,
+        )
 
 
-class EncoderDecoderTransformer(_EncoderDecoder):
+class EncoderDecoderTransformer(nn.Module):
     """The original Transformer: embeddings scaled by sqrt(E) plus sinusoidal positions,
     an encoder stack, a decoder stack with cross-attention, and a linear output layer.
     With ``pre_norm=True`` each stack ends with a LayerNorm (as ``torch.nn.Transformer``)."""
@@ -667,31 +539,67 @@ class EncoderDecoderTransformer(_EncoderDecoder):
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(block) for _ in range(config.n_encoder_layer))
         self.decoder = nn.ModuleList(DecoderBlock(block) for _ in range(config.n_decoder_layer))
-        self.encoder_norm = make_norm(block) if config.pre_norm else None
-        self.decoder_norm = make_norm(block) if config.pre_norm else None
+        self.encoder_norm = make_norm(block) if config.pre_norm else nn.Identity()
+        self.decoder_norm = make_norm(block) if config.pre_norm else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.tgt_vocab_size, bias=False)
         init_weights(self)
         if config.tie_embeddings:
             self.lm_head.weight = self.tgt_embed.weight
 
-    def _embed(self, embedding: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
+    def new_kv_caches(self) -> list[KVCache]:
+        """One self-attention cache per decoder layer (cross-attention is recomputed)."""
+        return new_kv_caches(self.decoder)
+
+    def embed(self, embedding: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
+        """(B, T) ids -> (B, T, E): ``embedding(ids) * sqrt(E)`` plus sinusoidal positions."""
         x = embedding(ids) * math.sqrt(self.config.n_embd)
         return self.drop(self.position(x, offset=offset))
 
-    def embed_source(self, src: Tensor) -> Tensor:
-        return self._embed(self.src_embed, src)
+    def encode(self, src: Tensor, *, src_mask: Tensor | None = None) -> Tensor:
+        """src (B, S) token ids -> memory (B, S, E); src_mask (B, S), True = real token."""
+        key_mask = check_source(src, src_mask)
+        x = self.embed(self.src_embed, src)
+        with checks.trusted():
+            for block in self.encoder:
+                x = block(x, key_mask=key_mask)
+        return self.encoder_norm(x)
 
-    def embed_target(self, tgt: Tensor, offset: int = 0) -> Tensor:
-        return self._embed(self.tgt_embed, tgt, offset)
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        *,
+        tgt_mask: Tensor | None = None,
+        src_mask: Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        """tgt (B, T) ids and memory (B, S, E) -> logits (B, T, V).
 
-    def encoder_bias(self, length: int) -> None:
-        return None
+        tgt_mask (B, T_total) and src_mask (B, S): True = real token. With ``kv_caches``
+        the target positions continue from the cache length."""
+        masks = (tgt_mask, src_mask)
+        offset, key_mask, memory_mask = check_target(
+            tgt, memory, masks, kv_caches, len(self.decoder)
+        )
+        x = self.embed(self.tgt_embed, tgt, offset)
+        with checks.trusted():
+            for block, cache in zip(
+                self.decoder, kv_caches or [None] * len(self.decoder), strict=True
+            ):
+                x = block(x, memory, key_mask=key_mask, memory_mask=memory_mask, kv_cache=cache)
+        return self.lm_head(self.decoder_norm(x))
 
-    def decoder_bias(self, length: int, offset: int) -> None:
-        return None
-
-    def project(self, x: Tensor) -> Tensor:
-        return self.lm_head(x)
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        *,
+        src_mask: Tensor | None = None,
+        tgt_mask: Tensor | None = None,
+    ) -> Tensor:
+        """src (B, S) and tgt (B, T) token ids -> logits (B, T, V) (teacher forcing)."""
+        memory = self.encode(src, src_mask=src_mask)
+        return self.decode(tgt, memory, tgt_mask=tgt_mask, src_mask=src_mask)
 
 
 @dataclass
@@ -714,17 +622,28 @@ class T5Config:
     scale_decoder_outputs: bool = True  # multiply by E^-0.5 before the tied output layer
 
     def block_config(self) -> BlockConfig:
+        """T5's block: pre-norm RMSNorm, no biases, unscaled attention scores."""
         return BlockConfig(
-            self.n_embd, self.n_head, self.ffn_dim, head_dim=self.head_dim,
-            activation=self.activation, gated=self.gated, norm="rmsnorm", norm_eps=self.norm_eps,
-            bias=False, dropout=self.dropout, attn_scale=1.0,
-        )  # fmt: skip
+            n_embd=self.n_embd,
+            n_head=self.n_head,
+            ffn_dim=self.ffn_dim,
+            head_dim=self.head_dim,
+            activation=self.activation,
+            gated=self.gated,
+            norm="rmsnorm",
+            norm_eps=self.norm_eps,
+            bias=False,
+            dropout=self.dropout,
+            attn_scale=1.0,
+        )
 
 
-class T5(_EncoderDecoder):
-    """T5: one shared embedding, no absolute positions; instead a learned relative position
-    bias (computed once per stack and added to every layer's unscaled attention scores),
-    RMSNorm, pre-norm blocks without biases, and an output layer tied to the embedding."""
+class T5(nn.Module):
+    """T5. What differs from :class:`EncoderDecoderTransformer`: one shared embedding, no
+    absolute positions but a learned relative position bias (computed once per stack and
+    added to every layer's unscaled attention scores), RMSNorm, pre-norm blocks without
+    biases, and decoder outputs scaled by E^-0.5 before the output layer tied to the
+    embedding."""
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
@@ -742,20 +661,48 @@ class T5(_EncoderDecoder):
         self.lm_head.weight = self.shared.weight
         init_weights(self)
 
-    def embed_source(self, src: Tensor) -> Tensor:
-        return self.drop(self.shared(src))
+    new_kv_caches = EncoderDecoderTransformer.new_kv_caches
+    forward = EncoderDecoderTransformer.forward
 
-    def embed_target(self, tgt: Tensor, offset: int = 0) -> Tensor:
-        return self.drop(self.shared(tgt))
+    def encode(self, src: Tensor, *, src_mask: Tensor | None = None) -> Tensor:
+        """As :meth:`EncoderDecoderTransformer.encode`, with T5's relative position bias."""
+        key_mask = check_source(src, src_mask)
+        x = self.drop(self.shared(src))
+        bias = self.encoder_position(src.shape[1], src.shape[1])  # (1, H, S, S)
+        with checks.trusted():
+            for block in self.encoder:
+                x = block(x, attn_mask=bias, key_mask=key_mask)
+        return self.encoder_norm(x)
 
-    def encoder_bias(self, length: int) -> Tensor:
-        return self.encoder_position(length, length)  # (1, H, S, S)
-
-    def decoder_bias(self, length: int, offset: int) -> Tensor:
-        return self.decoder_position(length, offset + length, offset=offset)  # (1, H, T, T_total)
-
-    def project(self, x: Tensor) -> Tensor:
-        x = self.drop(x)
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        *,
+        tgt_mask: Tensor | None = None,
+        src_mask: Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        masks = (tgt_mask, src_mask)
+        offset, key_mask, memory_mask = check_target(
+            tgt, memory, masks, kv_caches, len(self.decoder)
+        )
+        x = self.drop(self.shared(tgt))
+        total = offset + tgt.shape[1]
+        bias = self.decoder_position(tgt.shape[1], total, offset=offset)  # (1, H, T, T_total)
+        with checks.trusted():
+            for block, cache in zip(
+                self.decoder, kv_caches or [None] * len(self.decoder), strict=True
+            ):
+                x = block(
+                    x,
+                    memory,
+                    self_attn_mask=bias,
+                    key_mask=key_mask,
+                    memory_mask=memory_mask,
+                    kv_cache=cache,
+                )
+        x = self.drop(self.decoder_norm(x))
         if self.config.scale_decoder_outputs:
             x = x * self.config.n_embd**-0.5
         return self.lm_head(x)

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from utils.flash_attention import TensorMemoryTracker
+from utils.memory import TensorMemoryTracker
 
 from .sandbox import PRISTINE, clean_torch
 

@@ -20,6 +20,7 @@ import torch
 
 import utils.attention as attention_ref
 import utils.flash_attention as flash_ref
+from utils.memory import TensorMemoryTracker
 
 from . import reference as ref
 from .core import (
@@ -222,7 +223,7 @@ def forward_tests(entry: str, extra: bool = True) -> list[Test]:
         q, k, v = qkv(256, 256, b=1, h=1, seed=80)
         counts = []
         for is_causal in (False, True):
-            with flash_ref.TensorMemoryTracker() as tracker:
+            with TensorMemoryTracker() as tracker:
                 call(sub, q, k, v, is_causal=is_causal, bq=32, bk=32)
             counts.append(sum(n for op, n in tracker.op_counts.items() if op.endswith("mm")))
         if counts[1] > 0.75 * counts[0]:

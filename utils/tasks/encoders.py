@@ -61,9 +61,10 @@ def freeze_all_but_last_layers(model: nn.Module, layers: nn.ModuleList, trainabl
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: int):
+def tokenized_batches(tokenizer, texts: list, batch_size: int, max_length: int, **options):
     """Yield ``texts`` in order as padded, truncated batches of at most ``batch_size``, each
-    a Hugging Face tokenizer's output with (b, T) ``input_ids`` and ``attention_mask``."""
+    a Hugging Face tokenizer's output with (b, T) ``input_ids`` and ``attention_mask``;
+    ``options`` go to the tokenizer (e.g. ``is_split_into_words=True`` for word lists)."""
     for i in range(0, len(texts), batch_size):
         yield tokenizer(
             texts[i : i + batch_size],
@@ -71,6 +72,7 @@ def tokenized_batches(tokenizer, texts: list[str], batch_size: int, max_length: 
             truncation=True,
             max_length=max_length,
             return_tensors="pt",
+            **options,
         )
 
 
@@ -132,8 +134,11 @@ def frozen_prefix_states(
     try:
         return _in_length_chunks(
             lambda mask, ids, segments: encode(bert, ids, mask, segments),
-            attention_mask, chunk, input_ids, token_type_ids,
-        )  # fmt: skip
+            attention_mask,
+            chunk,
+            input_ids,
+            token_type_ids,
+        )
     finally:
         bert.blocks = all_blocks
         bert.train(training)

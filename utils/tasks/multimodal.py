@@ -83,10 +83,15 @@ class TinyCLIP(nn.Module):
         super().__init__()
         h = config.hidden
         self.image_encoder = nn.Sequential(
-            nn.Conv2d(3, h, 3, padding=1), nn.GELU(), nn.MaxPool2d(2),
-            nn.Conv2d(h, h, 3, padding=1), nn.GELU(), nn.AdaptiveAvgPool2d(1), nn.Flatten(),
+            nn.Conv2d(3, h, 3, padding=1),
+            nn.GELU(),
+            nn.MaxPool2d(2),
+            nn.Conv2d(h, h, 3, padding=1),
+            nn.GELU(),
+            nn.AdaptiveAvgPool2d(1),
+            nn.Flatten(),
             nn.Linear(h, config.embed_dim),
-        )  # fmt: skip
+        )
         self.word_embedding = nn.Embedding(len(WORDS), h)
         self.text_projection = nn.Linear(h, config.embed_dim)
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))

@@ -12,9 +12,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from utils.tasks.encoders import encode
-
-IGNORE_INDEX = -100  # the default ignore_index of torch.nn.functional.cross_entropy
+from utils.objectives import IGNORE_INDEX
+from utils.tasks.encoders import encode, tokenized_batches
 
 
 def align_labels(word_ids: list[int | None], word_labels: list[int]) -> list[int]:
@@ -128,18 +127,11 @@ def predict_tags(
     """BIO tag names per word of each pre-split sentence (model in eval mode)."""
     model.eval()
     tags = []
-    for i in range(0, len(sentences), batch_size):
-        chunk = sentences[i : i + batch_size]
-        batch = tokenizer(
-            chunk,
-            is_split_into_words=True,
-            truncation=True,
-            max_length=max_length,
-            padding=True,
-            return_tensors="pt",
-        )
+    split = {"is_split_into_words": True}
+    for batch in tokenized_batches(tokenizer, sentences, batch_size, max_length, **split):
         predictions = model(batch["input_ids"], batch["attention_mask"]).argmax(-1)
-        for j, words in enumerate(chunk):
+        for j in range(len(predictions)):
+            words = sentences[len(tags)]
             per_word = word_predictions(batch.word_ids(j), predictions[j].tolist())
             per_word += [0] * (len(words) - len(per_word))  # truncated words -> "O"
             tags.append([label_names[k] for k in per_word])

@@ -142,33 +142,6 @@ def best_spans(
     return torch.stack([flat // T, flat % T], dim=-1)
 
 
-@torch.no_grad()
-def answer_questions(
-    model: SpanHead,
-    tokenizer,
-    questions: list[str],
-    contexts: list[str],
-    batch_size: int = 32,
-    max_length: int = 256,
-) -> list[str]:
-    """The best context span (as text) for each question (model in eval mode)."""
-    model.eval()
-    predictions = []
-    for i in range(0, len(questions), batch_size):
-        batch = encode_qa(
-            tokenizer,
-            questions[i : i + batch_size],
-            contexts[i : i + batch_size],
-            max_length=max_length,
-        )
-        start_logits, end_logits = model(
-            batch.input_ids, batch.attention_mask, batch.token_type_ids
-        )
-        spans = best_spans(start_logits, end_logits, batch.context_mask)
-        predictions += span_texts(batch, spans, contexts[i : i + batch_size])
-    return predictions
-
-
 def span_texts(batch: QABatch, spans: Tensor, contexts: list[str]) -> list[str]:
     """The context text of each (start, end) token span (B, 2) of an encoded batch."""
     if spans.shape != (len(contexts), 2):
