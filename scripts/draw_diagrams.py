@@ -1,4 +1,7 @@
-"""Save every diagram of utils.diagrams as chapters/figures/NAME.svg (run after changing one)."""
+"""Save every diagram of utils.diagrams as chapters/figures/NAME.svg (run after changing one).
+
+An optional argument names another folder (the test draws there and compares).
+"""
 
 import sys
 from pathlib import Path
@@ -17,16 +20,16 @@ from utils.plotting import use_course_style  # noqa: E402
 FIGURES = ROOT / "chapters" / "figures"
 
 
-def main() -> None:
+def main(out: Path = FIGURES) -> None:
     use_course_style()
     plt.rcParams["svg.hashsalt"] = "course"  # stable ids: an unchanged diagram gives the same file
-    FIGURES.mkdir(exist_ok=True)
+    out.mkdir(exist_ok=True)
     for name, draw in DIAGRAMS.items():
         figure = draw()
-        figure.savefig(FIGURES / f"{name}.svg", metadata={"Date": None}, bbox_inches="tight")
+        figure.savefig(out / f"{name}.svg", metadata={"Date": None}, bbox_inches="tight")
         plt.close(figure)
-        print(FIGURES / f"{name}.svg")
+        print(out / f"{name}.svg")
 
 
 if __name__ == "__main__":
-    main()
+    main(Path(sys.argv[1]) if len(sys.argv) > 1 else FIGURES)

@@ -1,6 +1,8 @@
 """utils.diagrams: every diagram has its title and the boxes it promises, and the book shows it."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import matplotlib.pyplot as plt
@@ -99,3 +101,14 @@ def test_diagram_is_saved_and_shown_with_a_numbered_caption(name):
     )
     assert f"```{{figure}} figures/{name}.svg\n:name: fig-{name.replace('_', '-')}" in sources
     assert f"{{numref}}`fig-{name.replace('_', '-')}`" in sources
+
+
+def test_saved_svgs_are_what_the_code_draws(tmp_path):
+    subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "draw_diagrams.py"), str(tmp_path)], check=True
+    )
+    for name in DIAGRAMS:
+        saved = (ROOT / "chapters" / "figures" / f"{name}.svg").read_bytes()
+        assert (tmp_path / f"{name}.svg").read_bytes() == saved, (
+            f"{name}.svg is stale: run scripts/draw_diagrams.py"
+        )
