@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 
-from . import lab1, lab2, lab3
+from . import lab1, lab2, lab3, lab4
 from .core import Part, PartResult, Status, TestResult, run_part
 
 LABS: dict[str, list[Part]] = {
     "lab1_attention": lab1.PARTS,
     "lab2_rope": lab2.PARTS,
     "lab3_flash_attention": lab3.PARTS,
+    "lab4_lora_dpo": lab4.PARTS,
 }
 PARTS: dict[str, Part] = {part.name: part for parts in LABS.values() for part in parts}
 
