@@ -326,8 +326,8 @@ def lora_tests() -> list[Test]:
         Test("output shape, dtype, finite", 1, shape_dtype),
         Test("at initialisation equals the base layer exactly", 2, starts_as_base),
         Test("initialisation: B = 0, A random", 1, initialisation),
-        Test("only lora_A and lora_B are trained; their gradients", 2, trainable),
         Test("forward with a trained adapter: alpha / r scaling", 3, forward),
+        Test("only lora_A and lora_B are trained; their gradients", 2, trainable),
         Test("merge(): W + (alpha / r) B A, a new exact layer", 2, merge),
     ]
 
