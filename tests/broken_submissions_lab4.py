@@ -38,7 +38,8 @@ class LoRALinear(nn.Module):
         return self.base(x) + self.scaling * (x @ self.lora_A.T) @ self.lora_B.T
 
     def merge(self) -> nn.Linear:
-        merged = nn.Linear(self.base.in_features, self.base.out_features, self.base.bias is not None)
+        base = self.base
+        merged = nn.Linear(base.in_features, base.out_features, base.bias is not None)
         with torch.no_grad():
             merged.weight.copy_(self.merged_weight())
             if self.base.bias is not None:
