@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -245,8 +246,6 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Put a :func:`save_adapter` file onto ``model``: apply LoRA as recorded (unless the model
     already has those layers), then copy the tensors. Every saved name must exist in the model.
     Returns ``model``."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if "lora" not in metadata:
