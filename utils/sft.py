@@ -18,7 +18,7 @@ Shape letters: B batch, T sequence length, V vocabulary.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -156,28 +156,42 @@ def pad_batch(examples: Sequence[dict[str, Tensor]], pad_id: int) -> tuple[Tenso
     return x, y
 
 
+def example_length(example: dict) -> int:
+    """Tokens in an example; for a preference pair ``{"chosen": ..., "rejected": ...}`` (see
+    :mod:`utils.dpo`), the longer side."""
+    if "input_ids" in example:
+        return len(example["input_ids"])
+    return max(example_length(side) for side in example.values())
+
+
+Collate = Callable[[Sequence[dict], int], tuple[Tensor, Tensor]]
+
+
 def fixed_batches(
-    examples: Sequence[dict[str, Tensor]], batch_size: int, pad_id: int
+    examples: Sequence[dict], batch_size: int, pad_id: int, collate: Collate = pad_batch
 ) -> list[tuple[Tensor, Tensor]]:
-    """Evaluation batches: examples sorted by length (stable), ``batch_size`` per batch."""
-    order = sorted(range(len(examples)), key=lambda i: len(examples[i]["input_ids"]))
+    """Evaluation batches: examples sorted by length (stable), ``batch_size`` per batch,
+    made by ``collate(examples, pad_id)``."""
+    order = sorted(range(len(examples)), key=lambda i: example_length(examples[i]))
     chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
-    return [pad_batch([examples[i] for i in chunk], pad_id) for chunk in chunks]
+    return [collate([examples[i] for i in chunk], pad_id) for chunk in chunks]
 
 
 class LengthBuckets:
     """Training batches of similar length: each epoch shuffles the examples, sorts every
     window of ``bucket_batches * batch_size`` of them by length, cuts the windows into batches
     and shuffles the batches. Every example is used once per epoch; draws from its own
-    generator (saved in the Trainer's checkpoints). Call it for the next ``(x, y)``."""
+    generator (saved in the Trainer's checkpoints). Call it for the next ``(x, y)``, made by
+    ``collate(examples, pad_id)`` (:func:`pad_batch`; :func:`utils.dpo.pad_pairs` for pairs)."""
 
     def __init__(
         self,
-        examples: Sequence[dict[str, Tensor]],
+        examples: Sequence[dict],
         batch_size: int,
         pad_id: int,
         bucket_batches: int = 50,
         seed: int = 0,
+        collate: Collate = pad_batch,
     ) -> None:
         if not 1 <= batch_size <= len(examples) or bucket_batches < 1:
             raise ValueError(
@@ -185,7 +199,8 @@ class LengthBuckets:
                 f">= 1, got batch_size={batch_size}, bucket_batches={bucket_batches}"
             )
         self.examples, self.batch_size, self.pad_id = examples, batch_size, pad_id
-        self.bucket_batches = bucket_batches
+        self.bucket_batches, self.collate = bucket_batches, collate
+        self.lengths = [example_length(e) for e in examples]
         self.generator = torch.Generator().manual_seed(seed)
         self.epoch: list[list[int]] = []
 
@@ -194,20 +209,17 @@ class LengthBuckets:
         window = self.bucket_batches * self.batch_size
         batches = []
         for start in range(0, len(order), window):
-            bucket = sorted(order[start : start + window], key=self._length)
+            bucket = sorted(order[start : start + window], key=self.lengths.__getitem__)
             batches += [
                 bucket[i : i + self.batch_size] for i in range(0, len(bucket), self.batch_size)
             ]
         shuffle = torch.randperm(len(batches), generator=self.generator).tolist()
         return [batches[i] for i in shuffle]
 
-    def _length(self, index: int) -> int:
-        return len(self.examples[index]["input_ids"])
-
     def __call__(self) -> tuple[Tensor, Tensor]:
         if not self.epoch:
             self.epoch = self._new_epoch()
-        return pad_batch([self.examples[i] for i in self.epoch.pop()], self.pad_id)
+        return self.collate([self.examples[i] for i in self.epoch.pop()], self.pad_id)
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state(), "epoch": [list(b) for b in self.epoch]}
