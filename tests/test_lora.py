@@ -206,6 +206,10 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     ids = torch.randint(3, 64, (2, 10))
     assert torch.equal(restored(input_ids=ids).logits, ours(input_ids=ids).logits)
     assert trainable_parameters(restored) == trainable_parameters(ours)
+    with pytest.raises(ValueError, match="lacks the model's adapter tensors"):
+        load_adapter(apply_lora(hf_llama(), ["q_proj", "v_proj", "o_proj"]), path)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        load_adapter(apply_lora(hf_llama(), ["q_proj"]), path)
 
 
 def course_models():

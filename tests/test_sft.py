@@ -112,6 +112,21 @@ def test_loss_is_cross_entropy_over_answer_tokens_only(tokenizer):
     assert math.isclose(response_loss(logits, y).item(), total / count, abs_tol=1e-6)
 
 
+def test_loss_equals_hugging_faces_labels_loss(tokenizer):
+    """A causal LM's own ``labels=`` loss (shift, ignore -100, mean) on the same batch."""
+    torch.manual_seed(0)
+    config = transformers.LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=1, bos_token_id=1, eos_token_id=2,
+        pad_token_id=2,
+    )  # fmt: skip
+    model = transformers.LlamaForCausalLM(config).eval()
+    x, y = pad_batch([sft_example(tokenizer, c) for c in CONVERSATIONS], tokenizer.pad_token_id)
+    with torch.no_grad():
+        outputs = model(input_ids=x, labels=y)
+    assert math.isclose(response_loss(outputs, y).item(), outputs.loss.item(), abs_tol=1e-6)
+
+
 def test_prompt_and_padding_positions_get_exactly_zero_gradient(tokenizer):
     x, y, logits = batch_and_logits(tokenizer)
     response_loss(logits, y).backward()

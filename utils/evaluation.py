@@ -76,11 +76,15 @@ def _hugging_face_greedy(model, prompts, max_new_tokens, stop_tokens, pad_token_
             1,
         )
     device = next(model.parameters()).device
+    options = dict(do_sample=False, temperature=None, top_p=None, top_k=None)
     out = model.generate(
-        input_ids=ids.to(device), attention_mask=mask.to(device), do_sample=False,
-        max_new_tokens=max_new_tokens, eos_token_id=list(stop_tokens) or None,
-        pad_token_id=pad_token_id, temperature=None, top_p=None, top_k=None,
-    )  # fmt: skip
+        input_ids=ids.to(device),
+        attention_mask=mask.to(device),
+        max_new_tokens=max_new_tokens,
+        eos_token_id=list(stop_tokens) or None,
+        pad_token_id=pad_token_id,
+        **options,
+    )
     return out[:, length:]
 
 
@@ -135,8 +139,8 @@ def example_scores(metric: str, predictions: Sequence[str], references: Sequence
     if metric == "f1":
         return [metrics.squad_f1(p, g) for p, g in zip(predictions, golds, strict=True)]
     if metric == "bleu":
-        return [metrics.corpus_bleu([p], [[r] for r in g]).score
-                for p, g in zip(predictions, golds, strict=True)]  # fmt: skip
+        pairs = zip(predictions, golds, strict=True)
+        return [metrics.corpus_bleu([p], [[r] for r in g]).score for p, g in pairs]
     raise ValueError(f"metric must be 'exact_match', 'f1' or 'bleu', got {metric!r}")
 
 

@@ -231,8 +231,9 @@ def adapter_config(model: nn.Module) -> dict:
         raise ValueError("LoRA layers of different rank or alpha: save them one config at a time")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     extra = [n for n in lora_state_dict(model) if not n.endswith((".lora_A", ".lora_B"))]
-    return {"targets": list(layers), "rank": first.rank, "alpha": first.alpha,
-            "dropout": dropout, "trainable": extra}  # fmt: skip
+    return dict(
+        targets=list(layers), rank=first.rank, alpha=first.alpha, dropout=dropout, trainable=extra
+    )
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:
@@ -252,12 +253,13 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
         raise ValueError(f"{path} has no 'lora' metadata: not a save_adapter file")
     config = json.loads(metadata["lora"])
     if not lora_layers(model):
-        apply_lora(model, config["targets"], config["rank"], config["alpha"], config["dropout"],
-                   trainable=config["trainable"])  # fmt: skip
+        apply_lora(model, **config)
     tensors = load_file(str(path))
     parameters = dict(model.named_parameters())
     if unknown := [n for n in tensors if n not in parameters]:
         raise ValueError(f"adapter tensors {unknown[:4]} are not parameters of the model")
+    if missing := [n for n in lora_state_dict(model) if n not in tensors]:
+        raise ValueError(f"{path} lacks the model's adapter tensors {missing[:4]}")
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
