@@ -248,6 +248,12 @@ def test_applies_to_each_course_model(name):
         torch.testing.assert_close(run(merge_lora(model)), changed, rtol=0, atol=ATOL)
 
 
+def test_trainable_names_reach_tied_parameters():
+    model = apply_lora(course_models()["gpt"][0], ["attn.qkv"], trainable=["lm_head"])
+    assert model.wte.weight.requires_grad  # lm_head.weight is wte.weight (tied)
+    assert not model.wpe.embedding.weight.requires_grad
+
+
 def test_trainer_changes_only_the_adapter_weights():
     torch.manual_seed(0)
     base = GPT(GPTConfig(vocab_size=20, block_size=8, n_layer=2, n_head=2, n_embd=16))

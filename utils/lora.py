@@ -171,7 +171,7 @@ def apply_lora(
 
 def _unfreeze(model: nn.Module, trainable: list[str]) -> None:
     found = set()
-    for name, parameter in model.named_parameters():
+    for name, parameter in model.named_parameters(remove_duplicate=False):  # tied: every name
         prefixes = [name.rsplit(".", k)[0] for k in range(name.count(".") + 1)]
         hits = {s for s in trainable if any(_matches(p, [s]) for p in prefixes)}
         if hits:
