@@ -141,7 +141,7 @@ def test_t5_matches_t5_for_conditional_generation(variant):
     src_mask = torch.ones(2, 20, dtype=torch.bool)
     src_mask[1, 14:] = False
     expected = hf(input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt).logits
-    close(ours(src, tgt, src_mask=src_mask), expected)
+    close(ours(src, tgt, src_attention_mask=src_mask), expected)
 
 
 # ---------------------------------------------------------------------------------------------
