@@ -50,8 +50,7 @@ def scaled_dot_product_attention(
         q: (..., T, D) queries.
         k: (..., S, D) keys.
         v: (..., S, Dv) values.
-        attn_mask: optional attention pattern, broadcastable to (..., T, S); bool (True =
-            attend) or float (added).
+        attn_mask: optional, broadcastable to (..., T, S); bool (True = attend) or float (added).
         is_causal: also apply :func:`causal_mask` (may be combined with ``attn_mask``).
         dropout_p: dropout probability on the attention weights (use 0 in evaluation).
         scale: score scale, default ``1 / sqrt(D)``.
