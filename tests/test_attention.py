@@ -382,7 +382,7 @@ def test_kv_cache_step_by_step_equals_full_causal_forward(n_kv_head, rotary, chu
     assert_close(torch.cat(outputs, dim=1), full, **TOL)
 
 
-def test_kv_cache_with_key_mask_covers_cached_keys():
+def test_kv_cache_with_attention_mask_covers_cached_keys():
     torch.manual_seed(0)
     mha = MultiHeadAttention(E, H).eval()
     x = torch.randn(B, 5, E)

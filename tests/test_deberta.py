@@ -56,7 +56,7 @@ def test_without_position_terms_it_is_plain_attention():
     torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=0)
 
 
-def test_key_mask_and_bad_input():
+def test_attention_mask_and_bad_input():
     module = hand_module()
     x = torch.tensor([[[1.0], [2.0]]])
     out, w = module(x, attention_mask=torch.tensor([[True, False]]), need_weights=True)

@@ -275,7 +275,7 @@ def check_decoder_inputs(
     model: nn.Module, idx: Tensor, attention_mask: Tensor | None, kv_caches: list | None
 ) -> tuple[int, Tensor | None]:
     """The boundary checks of a decoder-only model's ``forward``: token ids, one cache per
-    block, the padding mask; returns (cache length, bool key mask (B, S_total))."""
+    block, the padding mask; returns (cache length, bool attention_mask (B, S_total))."""
     checks.token_ids(idx)
     offset = checks.cache_length(kv_caches, len(model.blocks))
     total = offset + idx.shape[1]
