@@ -12,7 +12,7 @@ import ast
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
-MODELS = ("GPT", "Llama", "Bert", "BertForMaskedLM", "T5", "EncoderDecoderTransformer")
+MODELS = ("GPT", "Llama", "Bert", "BertForMaskedLM", "EncoderDecoder", "Transformer", "T5")
 
 
 def source_files() -> list[Path]:

@@ -102,9 +102,9 @@ def attention_calls_sdpa(q, k, v, mask=None, is_causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=is_causal)
 
 
-def split_heads_view(x, num_heads):
+def split_heads_view(x, n_head):
     batch, length, width = x.shape
-    return x.view(batch, num_heads, length, width // num_heads)
+    return x.view(batch, n_head, length, width // n_head)
 
 
 # -------------------------------------------------------------------------------- lab 2: RoPE
@@ -315,9 +315,9 @@ def flash_lse_in_input_dtype(q, k, v, is_causal=False, block_size_q=64, block_si
 
 
 class MultiHeadAttentionWrapsTorch(torch.nn.Module):
-    def __init__(self, embed_dim, num_heads, kv_dim=None):
+    def __init__(self, n_embd, n_head, kv_dim=None):
         super().__init__()
-        self.inner = torch.nn.MultiheadAttention(embed_dim, num_heads, batch_first=True)
+        self.inner = torch.nn.MultiheadAttention(n_embd, n_head, batch_first=True)
 
     def forward(self, query, key_value=None, attn_mask=None, is_causal=False):
         key_value = query if key_value is None else key_value
@@ -391,7 +391,7 @@ CASES = [
     ("causal mask replaces the mask", "attention", attention_causal_replaces_mask, "causal",
      "FAIL", ["the causal mask alone", "is_causal=True"]),
     ("mask replaces the causal flag", "attention", attention_mask_replaces_causal, "causal",
-     "FAIL", ["`mask` alone", "ignores is_causal"]),
+     "FAIL", ["`attn_mask` alone", "ignores is_causal"]),
     ("split_heads is the course's", "split_heads", split_heads_from_course, "shape",
      "FORBIDDEN", ["utils.attention.split_heads"]),
     ("merge_heads calls the course's", "merge_heads", merge_heads_calls_course, "shape",

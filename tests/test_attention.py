@@ -54,7 +54,7 @@ def test_boolean_mask_matches_torch(mask_shape):
     q, k, v = random_qkv((2, 3, 5, 8), (2, 3, 7, 8))
     mask = torch.rand(mask_shape, generator=torch.Generator().manual_seed(1)) > 0.3
     mask[..., 0] = True  # every query keeps at least one key (torch's math path NaNs otherwise)
-    assert_same_as_torch(q, k, v, {"mask": mask}, {"attn_mask": mask})
+    assert_same_as_torch(q, k, v, {"attn_mask": mask}, {"attn_mask": mask})
 
 
 @pytest.mark.parametrize("mask_shape", [(5, 7), (2, 3, 5, 7)])
@@ -64,7 +64,7 @@ def test_additive_float_mask_matches_torch(mask_shape):
     bias = torch.randn(mask_shape, generator=gen)
     bias = bias.masked_fill(torch.rand(mask_shape, generator=gen) > 0.7, float("-inf"))
     bias[..., 0] = 0.0
-    assert_same_as_torch(q, k, v, {"mask": bias}, {"attn_mask": bias})
+    assert_same_as_torch(q, k, v, {"attn_mask": bias}, {"attn_mask": bias})
 
 
 def test_is_causal_square_matches_torch():
@@ -76,7 +76,9 @@ def test_is_causal_combined_with_boolean_mask():
     q, k, v = random_qkv((2, 2, 6, 4), (2, 2, 6, 4))
     padding = torch.tensor([[True] * 6, [True] * 4 + [False] * 2])[:, None, None, :]
     explicit = padding & torch.ones(6, 6, dtype=torch.bool).tril()
-    assert_same_as_torch(q, k, v, {"mask": padding, "is_causal": True}, {"attn_mask": explicit})
+    assert_same_as_torch(
+        q, k, v, {"attn_mask": padding, "is_causal": True}, {"attn_mask": explicit}
+    )
 
 
 def test_custom_scale_matches_torch():
@@ -184,21 +186,21 @@ def test_split_and_merge_heads_are_inverse():
         ),
         (
             (torch.randn(2, 4, 8), torch.randn(2, 5, 8), torch.randn(2, 5, 8)),
-            {"mask": torch.ones(4, 6, dtype=torch.bool)},
+            {"attn_mask": torch.ones(4, 6, dtype=torch.bool)},
             ValueError,
-            r"mask of shape \(4, 6\) does not broadcast .* \(2, 4, 5\)",
+            r"attn_mask of shape \(4, 6\) does not broadcast .* \(2, 4, 5\)",
         ),
         (
             (torch.randn(4, 8), torch.randn(5, 8), torch.randn(5, 8)),
-            {"mask": torch.ones(4, 5, dtype=torch.long)},
+            {"attn_mask": torch.ones(4, 5, dtype=torch.long)},
             ValueError,
-            r"mask must be bool .*int64",
+            r"attn_mask must be bool .*int64",
         ),
         (
             (torch.randn(4, 8), torch.randn(5, 8), torch.randn(5, 8)),
-            {"mask": [[True] * 5] * 4},
+            {"attn_mask": [[True] * 5] * 4},
             TypeError,
-            r"mask must be a torch.Tensor",
+            r"attn_mask must be a torch.Tensor",
         ),
         (
             (torch.randn(4, 8), torch.randn(5, 8), torch.randn(5, 8)),
@@ -279,12 +281,12 @@ def test_mha_key_padding_matches_torch():
     x = torch.randn(B, T, E)
     real = torch.tensor([[True] * T, [True] * 3 + [False] * (T - 3)])  # ours: True = real token
     expected, _ = ref(x, x, x, key_padding_mask=~real, need_weights=False)  # torch: True = pad
-    assert_close(ours(x, key_mask=real), expected, **TOL)
+    assert_close(ours(x, attention_mask=real), expected, **TOL)
     # Combined with an additive mask: padding becomes -inf and is added.
     bias = torch.randn(T, T)
     padding = torch.zeros(B, T).masked_fill(~real, float("-inf"))  # torch wants one mask type
     expected, _ = ref(x, x, x, attn_mask=bias, key_padding_mask=padding, need_weights=False)
-    assert_close(ours(x, attn_mask=bias, key_mask=real), expected, **TOL)
+    assert_close(ours(x, attn_mask=bias, attention_mask=real), expected, **TOL)
 
 
 def test_mha_cross_attention_with_other_kv_dim_matches_torch():
@@ -293,7 +295,7 @@ def test_mha_cross_attention_with_other_kv_dim_matches_torch():
     real = torch.ones(B, 9, dtype=torch.bool)
     real[0, 7:] = False
     expected, _ = ref(query, memory, memory, key_padding_mask=~real, need_weights=False)
-    assert_close(ours(query, memory, key_mask=real), expected, **TOL)
+    assert_close(ours(query, memory, attention_mask=real), expected, **TOL)
 
 
 def test_mha_fused_cross_attention_matches_torch():
@@ -333,7 +335,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
     """GQA with H_kv heads == standard MHA whose K/V projections repeat each head H/H_kv times."""
     torch.manual_seed(0)
     heads, kv_heads, head_dim = 6, 2, 4
-    gqa = MultiHeadAttention(24, heads, num_kv_heads=kv_heads).eval()
+    gqa = MultiHeadAttention(24, heads, n_kv_head=kv_heads).eval()
     mha = MultiHeadAttention(24, heads).eval()
     repeat = heads // kv_heads
     with torch.no_grad():
@@ -351,7 +353,7 @@ def test_gqa_equals_mha_with_repeated_kv_heads():
 
 def test_gqa_matches_torch_enable_gqa():
     torch.manual_seed(0)
-    gqa = MultiHeadAttention(32, 8, num_kv_heads=2, bias=False).eval()
+    gqa = MultiHeadAttention(32, 8, n_kv_head=2, bias=False).eval()
     x = torch.randn(B, T, 32)
     q = gqa.q_proj(x).view(B, T, 8, 4).transpose(1, 2)
     k = gqa.k_proj(x).view(B, T, 2, 4).transpose(1, 2)
@@ -361,13 +363,13 @@ def test_gqa_matches_torch_enable_gqa():
 
 
 @pytest.mark.parametrize(
-    ("num_kv_heads", "rotary", "chunks"),
+    ("n_kv_head", "rotary", "chunks"),
     [(None, False, [1] * 7), (None, True, [1] * 7), (2, True, [3, 1, 2, 1])],
 )
-def test_kv_cache_step_by_step_equals_full_causal_forward(num_kv_heads, rotary, chunks):
+def test_kv_cache_step_by_step_equals_full_causal_forward(n_kv_head, rotary, chunks):
     torch.manual_seed(0)
     mha = MultiHeadAttention(
-        E, H, num_kv_heads=num_kv_heads, rotary=RotaryEmbedding(E // H) if rotary else None
+        E, H, n_kv_head=n_kv_head, rotary=RotaryEmbedding(E // H) if rotary else None
     ).eval()
     x = torch.randn(B, sum(chunks), E)
     full = mha(x, is_causal=True)
@@ -376,19 +378,19 @@ def test_kv_cache_step_by_step_equals_full_causal_forward(num_kv_heads, rotary, 
         outputs.append(mha(x[:, start : start + size], is_causal=True, kv_cache=cache))
         start += size
         assert len(cache) == start
-    assert cache.k.shape == (B, num_kv_heads or H, start, E // H)
+    assert cache.k.shape == (B, n_kv_head or H, start, E // H)
     assert_close(torch.cat(outputs, dim=1), full, **TOL)
 
 
-def test_kv_cache_with_key_mask_covers_cached_keys():
+def test_kv_cache_with_attention_mask_covers_cached_keys():
     torch.manual_seed(0)
     mha = MultiHeadAttention(E, H).eval()
     x = torch.randn(B, 5, E)
     real = torch.tensor([[False, True, True, True, True], [True] * 5])  # left padding
-    full = mha(x, key_mask=real, is_causal=True)
+    full = mha(x, attention_mask=real, is_causal=True)
     cache = KVCache()
-    mha(x[:, :4], key_mask=real[:, :4], is_causal=True, kv_cache=cache)
-    last = mha(x[:, 4:], key_mask=real, is_causal=True, kv_cache=cache)
+    mha(x[:, :4], attention_mask=real[:, :4], is_causal=True, kv_cache=cache)
+    last = mha(x[:, 4:], attention_mask=real, is_causal=True, kv_cache=cache)
     assert_close(last, full[:, 4:], **TOL)
 
 
@@ -411,11 +413,11 @@ def test_kv_cache_reorder_continues_the_chosen_rows():
 
 
 def test_mha_constructor_errors():
-    with pytest.raises(ValueError, match=r"embed_dim=10 is not divisible by num_heads=4"):
+    with pytest.raises(ValueError, match=r"n_embd=10 is not divisible by n_head=4"):
         MultiHeadAttention(10, 4)
-    with pytest.raises(ValueError, match=r"num_heads=6 is not divisible by num_kv_heads=4"):
-        MultiHeadAttention(24, 6, num_kv_heads=4)
-    with pytest.raises(ValueError, match=r"fused=True needs kv_dim == embed_dim"):
+    with pytest.raises(ValueError, match=r"n_head=6 is not divisible by n_kv_head=4"):
+        MultiHeadAttention(24, 6, n_kv_head=4)
+    with pytest.raises(ValueError, match=r"fused=True needs kv_dim == n_embd"):
         MultiHeadAttention(16, 4, kv_dim=8, fused=True)
 
 
@@ -444,27 +446,27 @@ def test_mha_constructor_errors():
         ),
         (
             (torch.randn(B, T, E),),
-            {"key_mask": torch.ones(B, T + 1, dtype=torch.bool)},
+            {"attention_mask": torch.ones(B, T + 1, dtype=torch.bool)},
             ValueError,
-            r"key_mask must be a bool tensor of shape \(B, S\) = \(2, 6\).*\(2, 7\)",
+            r"attention_mask must be a bool tensor of shape \(B, S\) = \(2, 6\).*\(2, 7\)",
         ),
         (
             (torch.randn(B, T, E),),
-            {"key_mask": torch.ones(B, T)},
+            {"attention_mask": torch.ones(B, T)},
             ValueError,
-            r"key_mask must be a bool tensor.*torch.float32",
+            r"attention_mask must be a bool tensor.*torch.float32",
         ),
         (
             (torch.randn(B, T, E),),
-            {"key_mask": [[True] * T] * B},
+            {"attention_mask": [[True] * T] * B},
             TypeError,
-            r"key_mask must be a torch",
+            r"attention_mask must be a torch",
         ),
         (
             (torch.randn(B, T, E),),
             {"attn_mask": torch.ones(T, T + 2, dtype=torch.bool)},
             ValueError,
-            r"mask of shape \(6, 8\) does not broadcast",
+            r"attn_mask of shape \(6, 8\) does not broadcast",
         ),
     ],
 )

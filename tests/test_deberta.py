@@ -56,12 +56,12 @@ def test_without_position_terms_it_is_plain_attention():
     torch.testing.assert_close(module(x), expected, atol=1e-5, rtol=0)
 
 
-def test_key_mask_and_bad_input():
+def test_attention_mask_and_bad_input():
     module = hand_module()
     x = torch.tensor([[[1.0], [2.0]]])
-    out, w = module(x, key_mask=torch.tensor([[True, False]]), need_weights=True)
+    out, w = module(x, attention_mask=torch.tensor([[True, False]]), need_weights=True)
     torch.testing.assert_close(w[0, 0], torch.tensor([[1.0, 0.0], [1.0, 0.0]]))
-    with pytest.raises(ValueError, match="key_mask must be bool"):
-        module(x, key_mask=torch.ones(1, 2))
+    with pytest.raises(ValueError, match="attention_mask must be bool"):
+        module(x, attention_mask=torch.ones(1, 2))
     with pytest.raises(ValueError, match="x must be a float tensor"):
         module(torch.ones(2, 1, dtype=torch.long))

@@ -138,10 +138,10 @@ def test_t5_matches_t5_for_conditional_generation(variant):
     ours = from_hf(hf)
     assert ours.config.scale_decoder_outputs == (variant == "t5")
     src, tgt = torch.randint(0, VOCAB, (2, 20)), torch.randint(0, VOCAB, (2, 15))
-    src_mask = torch.ones(2, 20, dtype=torch.bool)
-    src_mask[1, 14:] = False
-    expected = hf(input_ids=src, attention_mask=src_mask.long(), decoder_input_ids=tgt).logits
-    close(ours(src, tgt, src_mask=src_mask), expected)
+    real = torch.ones(2, 20, dtype=torch.bool)
+    real[1, 14:] = False
+    expected = hf(input_ids=src, attention_mask=real.long(), decoder_input_ids=tgt).logits
+    close(ours(src, tgt, src_attention_mask=real), expected)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -40,24 +40,24 @@ def test_sinusoidal_closed_form(pos, i):
 def test_sinusoidal_other_base_and_odd_dim():
     table = sinusoidal_encoding(10, 8, base=100.0)
     assert table[7, 2].item() == pytest.approx(math.sin(7 / 100 ** (2 / 8)), abs=1e-6)
-    with pytest.raises(ValueError, match="even dim, got 7"):
+    with pytest.raises(ValueError, match="even n_embd, got 7"):
         sinusoidal_encoding(10, 7)
 
 
 def test_sinusoidal_module_adds_rows_from_offset():
-    module = SinusoidalPositionalEncoding(16, max_positions=32)
+    module = SinusoidalPositionalEncoding(16, block_size=32)
     x = torch.randn(2, 5, 16)
     assert_close(module(x, offset=10), x + sinusoidal_encoding(32, 16)[10:15], **TOL)
-    with pytest.raises(ValueError, match=r"positions 30..34 exceed max_positions=32"):
+    with pytest.raises(ValueError, match=r"positions 30..34 exceed block_size=32"):
         module(x, offset=30)
 
 
 def test_learned_module_adds_rows_from_offset():
     torch.manual_seed(0)
-    module = LearnedPositionalEmbedding(max_positions=20, dim=8)
+    module = LearnedPositionalEmbedding(block_size=20, n_embd=8)
     x = torch.randn(3, 4, 8)
     assert_close(module(x, offset=7), x + module.embedding.weight[7:11], **TOL)
-    with pytest.raises(ValueError, match=r"positions 18..21 exceed max_positions=20"):
+    with pytest.raises(ValueError, match=r"positions 18..21 exceed block_size=20"):
         module(x, offset=18)
     with pytest.raises(ValueError, match=r"positions -1..2 exceed"):
         module(x, offset=-1)
@@ -187,9 +187,9 @@ def test_alibi_slopes_for_eight_heads_are_the_papers():
     assert_close(alibi_slopes(8), expected, **TOL)
 
 
-@pytest.mark.parametrize("num_heads", [1, 2, 6, 12, 16, 20, 24])
-def test_alibi_slopes_match_reference_rule(num_heads):
-    assert_close(alibi_slopes(num_heads), torch.tensor(alibi_paper_slopes(num_heads)), **TOL)
+@pytest.mark.parametrize("n_head", [1, 2, 6, 12, 16, 20, 24])
+def test_alibi_slopes_match_reference_rule(n_head):
+    assert_close(alibi_slopes(n_head), torch.tensor(alibi_paper_slopes(n_head)), **TOL)
 
 
 def test_alibi_slopes_for_twelve_heads_by_hand():

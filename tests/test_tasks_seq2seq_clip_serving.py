@@ -13,7 +13,7 @@ from utils.tasks import serving as SV
 from utils.tasks import summarization as SU
 from utils.tasks import translation as TR
 from utils.tasks.text_generation import complete
-from utils.transformer import GPT, EncoderDecoderTransformer, GPTConfig, TransformerConfig
+from utils.transformer import GPT, GPTConfig, Transformer, TransformerConfig
 
 PAIRS = [("I am cold.", "J'ai froid."), ("Go away!", "Va-t'en !"), ("Thanks.", "Merci.")]
 
@@ -26,7 +26,7 @@ def tiny_translator():
         src_vocab_size=tokenizer.vocab_size, tgt_vocab_size=tokenizer.vocab_size, block_size=64,
         n_encoder_layer=1, n_decoder_layer=2, n_head=2, n_embd=32, ffn_dim=64, dropout=0.0,
     )  # fmt: skip
-    return tokenizer, EncoderDecoderTransformer(config).eval()
+    return tokenizer, Transformer(config).eval()
 
 
 def test_encode_pairs_layout(tiny_translator):
@@ -51,7 +51,10 @@ def test_packed_model_loss_and_bound_decoder_match_plain_calls(tiny_translator):
     packed = TR.PackedSeq2Seq(model, batch.src.shape[1], pad)
     logits = packed(TR.pack(batch))
     expected = model(
-        batch.src, batch.tgt_in, src_mask=batch.src != pad, tgt_mask=batch.tgt_in != pad
+        batch.src,
+        batch.tgt_in,
+        src_attention_mask=batch.src != pad,
+        tgt_attention_mask=batch.tgt_in != pad,
     )
     torch.testing.assert_close(logits, expected, atol=1e-5, rtol=0)
     keep = batch.tgt_out != pad
@@ -62,10 +65,13 @@ def test_packed_model_loss_and_bound_decoder_match_plain_calls(tiny_translator):
     # the bound decoder is the decoder of one source sentence: same logits as the full model
     src, tgt = batch.src[:1], batch.tgt_in[:1, :4]
     mask = src != pad
-    decoder = TR.BoundDecoder(model, model.encode(src, src_mask=mask), mask)
+    decoder = TR.BoundDecoder(model, model.encode(src, src_attention_mask=mask), mask)
     with torch.no_grad():
         torch.testing.assert_close(
-            decoder(tgt.expand(2, -1))[0], model(src, tgt, src_mask=mask)[0], atol=1e-5, rtol=0
+            decoder(tgt.expand(2, -1))[0],
+            model(src, tgt, src_attention_mask=mask)[0],
+            atol=1e-5,
+            rtol=0,
         )
         cached = generate(decoder, tgt, 6, use_cache=True)
         uncached = generate(decoder, tgt, 6, use_cache=False)
@@ -120,7 +126,7 @@ def test_shapes_are_deterministic_and_tiny_clip_learns():
     assert images.shape == (8, 3, 16, 16) and torch.equal(images, again)
     assert labels.max() < len(MM.class_captions())
     torch.manual_seed(0)
-    model = MM.TinyCLIP(MM.CLIPConfig(hidden=16, embed_dim=16))
+    model = MM.TinyCLIP(MM.CLIPConfig(n_embd=16, projection_dim=16))
     train_images, train_labels = MM.make_shapes(512, seed=0)
     ids = torch.tensor([MM.caption_ids(c) for c in MM.class_captions()])
     assert model(train_images[:4], ids[train_labels[:4]]).shape == (4, 4)

@@ -15,7 +15,6 @@ from utils.transformer import (
     BlockConfig,
     DecoderBlock,
     EncoderBlock,
-    EncoderDecoderTransformer,
     FeedForward,
     GPTConfig,
     LayerNorm,
@@ -23,6 +22,7 @@ from utils.transformer import (
     LlamaConfig,
     RMSNorm,
     T5Config,
+    Transformer,
     TransformerConfig,
     capture_attention,
 )
@@ -159,17 +159,17 @@ def test_blocks_match_torch_layers(pre_norm):
     src, tgt = torch.randn(2, 7, 32), torch.randn(2, 5, 32)
     src_real = torch.tensor([[True] * 7, [True] * 4 + [False] * 3])
     with torch.no_grad():
-        memory = enc(src, key_mask=src_real)
+        memory = enc(src, attention_mask=src_real)
         ref_memory = ref_enc(src, src_key_padding_mask=~src_real)
         # torch's fast path may zero padded positions: compare the real ones only
         close(memory[src_real], ref_memory[src_real])
         causal = nn.Transformer.generate_square_subsequent_mask(5)
-        out = dec(tgt, memory, memory_mask=src_real)
+        out = dec(tgt, memory, src_attention_mask=src_real)
         ref_out = ref_dec(tgt, memory, tgt_mask=causal, memory_key_padding_mask=~src_real)
     close(out, ref_out)
 
 
-def _reference_stack(model: EncoderDecoderTransformer):
+def _reference_stack(model: Transformer):
     """torch.nn.Transformer (pre-LN: it always ends each stack with a LayerNorm) or, for the
     paper's post-LN, nn.TransformerEncoder/Decoder with norm=None: nn.Transformer would add
     a final LayerNorm that the original Transformer does not have."""
@@ -183,8 +183,8 @@ def _reference_stack(model: EncoderDecoderTransformer):
         encoder, decoder = ref.encoder, ref.decoder
         _randomise_norms(ref)
         with torch.no_grad():
-            model.encoder_norm.load_state_dict(encoder.norm.state_dict())
-            model.decoder_norm.load_state_dict(decoder.norm.state_dict())
+            model.encoder_ln_f.load_state_dict(encoder.norm.state_dict())
+            model.decoder_ln_f.load_state_dict(decoder.norm.state_dict())
     else:
         encoder = nn.TransformerEncoder(
             enc_layer, config.n_encoder_layer, enable_nested_tensor=False
@@ -202,34 +202,34 @@ def _reference_stack(model: EncoderDecoderTransformer):
 @pytest.mark.filterwarnings("ignore:enable_nested_tensor is True")
 @pytest.mark.parametrize("pre_norm", [False, True])
 def test_encoder_decoder_matches_torch_transformer(pre_norm):
-    model = EncoderDecoderTransformer(TransformerConfig(**{**vars(SMALL), "pre_norm": pre_norm}))
+    model = Transformer(TransformerConfig(**{**vars(SMALL), "pre_norm": pre_norm}))
     model.eval()
     encoder, decoder = _reference_stack(model)
     src, tgt = torch.randint(0, 23, (2, 9)), torch.randint(0, 19, (2, 6))
     src_real = torch.ones(2, 9, dtype=torch.bool)
     src_real[1, 6:] = False
     with torch.no_grad():
-        logits = model(src, tgt, src_mask=src_real)
-        memory = encoder(model.embed(model.src_embed, src), src_key_padding_mask=~src_real)
+        logits = model(src, tgt, src_attention_mask=src_real)
+        memory = encoder(model.embed(model.src_wte, src), src_key_padding_mask=~src_real)
         causal = nn.Transformer.generate_square_subsequent_mask(6)
         hidden = decoder(
-            model.embed(model.tgt_embed, tgt),
+            model.embed(model.tgt_wte, tgt),
             memory,
             tgt_mask=causal,
             memory_key_padding_mask=~src_real,
         )
         close(logits, model.lm_head(hidden))
-        close(model.encode(src, src_mask=src_real)[src_real], memory[src_real])
+        close(model.encode(src, src_attention_mask=src_real)[src_real], memory[src_real])
 
 
 def test_encoder_decoder_embeddings_are_scaled_and_sinusoidal():
-    model = EncoderDecoderTransformer(SMALL).eval()
+    model = Transformer(SMALL).eval()
     tgt = torch.randint(0, 19, (1, 5))
     position = torch.arange(5.0)[:, None]
     angle = position / 10000 ** (torch.arange(0, 32, 2) / 32)
     table = torch.stack([angle.sin(), angle.cos()], dim=-1).flatten(-2)  # sin, cos interleaved
-    expected = model.tgt_embed(tgt) * math.sqrt(32) + table
-    close(model.embed(model.tgt_embed, tgt), expected)
+    expected = model.tgt_wte(tgt) * math.sqrt(32) + table
+    close(model.embed(model.tgt_wte, tgt), expected)
 
 
 def _check_incremental(model, run_full, run_step, length: int, rows=None):
@@ -276,7 +276,7 @@ def test_encoder_decoder_and_t5_kv_cache_matches_full_decode():
         n_head=4, num_buckets=8, max_distance=6,
     )  # fmt: skip
     t5 = T5(config).eval()
-    seq2seq = EncoderDecoderTransformer(SMALL).eval()
+    seq2seq = Transformer(SMALL).eval()
     for model, vocab in ((t5, 19), (seq2seq, 19)):
         src, tgt = torch.randint(0, vocab, (2, 7)), torch.randint(0, vocab, (2, 10))
         with torch.no_grad():
@@ -318,8 +318,8 @@ def test_gpt_init_and_tying():
 def test_llama_tied_and_untied():
     small = dict(vocab_size=20, block_size=8, n_layer=1, n_head=2, n_embd=8, ffn_dim=12)
     tied, untied = Llama(LlamaConfig(**small, tie_embeddings=True)), Llama(LlamaConfig(**small))
-    assert tied.lm_head.weight is tied.embed.weight
-    assert untied.lm_head.weight is not untied.embed.weight
+    assert tied.lm_head.weight is tied.wte.weight
+    assert untied.lm_head.weight is not untied.wte.weight
     n_tied, n_untied = (sum(p.numel() for p in m.parameters()) for m in (tied, untied))
     assert n_untied - n_tied == 20 * 8
 
@@ -336,7 +336,7 @@ def test_llama_tied_and_untied():
             ),
             r"\(B, S_total\) = \(1, 4\)",
         ),
-        (lambda m: m(torch.zeros(1, 17, dtype=torch.long)), "max_positions=16"),
+        (lambda m: m(torch.zeros(1, 17, dtype=torch.long)), "block_size=16"),
         (lambda m: m(torch.zeros(1, 2, dtype=torch.long), kv_caches=[KVCache()]), "2 KVCache"),
     ],
 )

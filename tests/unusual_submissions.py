@@ -31,8 +31,8 @@ def attention_by_einsum(q, k, v, mask=None, is_causal=False):
     return torch.einsum("...ts,...sd->...td", weights, v)
 
 
-def split_heads_by_unflatten(x, num_heads):
-    return x.unflatten(-1, (num_heads, -1)).permute(0, 2, 1, 3)
+def split_heads_by_unflatten(x, n_head):
+    return x.unflatten(-1, (n_head, -1)).permute(0, 2, 1, 3)
 
 
 def merge_heads_by_movedim(x):
@@ -42,21 +42,21 @@ def merge_heads_by_movedim(x):
 class MultiHeadAttentionPerHead(nn.Module):
     """Loops over heads with slices of the projected features instead of split/merge."""
 
-    def __init__(self, embed_dim, num_heads, kv_dim=None):
+    def __init__(self, n_embd, n_head, kv_dim=None):
         super().__init__()
-        kv_dim = embed_dim if kv_dim is None else kv_dim
-        self.num_heads, self.head_dim = num_heads, embed_dim // num_heads
+        kv_dim = n_embd if kv_dim is None else kv_dim
+        self.n_head, self.head_dim = n_head, n_embd // n_head
         self.q_proj, self.out_proj = (
-            nn.Linear(embed_dim, embed_dim),
-            nn.Linear(embed_dim, embed_dim),
+            nn.Linear(n_embd, n_embd),
+            nn.Linear(n_embd, n_embd),
         )
-        self.k_proj, self.v_proj = nn.Linear(kv_dim, embed_dim), nn.Linear(kv_dim, embed_dim)
+        self.k_proj, self.v_proj = nn.Linear(kv_dim, n_embd), nn.Linear(kv_dim, n_embd)
 
     def forward(self, query, key_value=None, attn_mask=None, is_causal=False):
         key_value = query if key_value is None else key_value
         q, k, v = self.q_proj(query), self.k_proj(key_value), self.v_proj(key_value)
         heads = []
-        for h in range(self.num_heads):
+        for h in range(self.n_head):
             cols = slice(h * self.head_dim, (h + 1) * self.head_dim)
             heads.append(attention_by_einsum(q[..., cols], k[..., cols], v[..., cols],
                                              attn_mask, is_causal))  # fmt: skip

@@ -37,21 +37,21 @@ def scaled_dot_product_attention(
     q: Tensor,
     k: Tensor,
     v: Tensor,
-    mask: Tensor | None = None,
+    attn_mask: Tensor | None = None,
     *,
     is_causal: bool = False,
     dropout_p: float = 0.0,
     scale: float | None = None,
     return_weights: bool = False,
 ) -> Tensor | tuple[Tensor, Tensor]:
-    """softmax(q k^T / sqrt(D) + mask) v, written out.
+    """softmax(q k^T / sqrt(D) + attn_mask) v, written out.
 
     Args:
         q: (..., T, D) queries.
         k: (..., S, D) keys.
         v: (..., S, Dv) values.
-        mask: optional, broadcastable to (..., T, S); bool (True = attend) or float (added).
-        is_causal: also apply :func:`causal_mask` (may be combined with ``mask``).
+        attn_mask: optional, broadcastable to (..., T, S); bool (True = attend) or float (added).
+        is_causal: also apply :func:`causal_mask` (may be combined with ``attn_mask``).
         dropout_p: dropout probability on the attention weights (use 0 in evaluation).
         scale: score scale, default ``1 / sqrt(D)``.
         return_weights: also return the (..., T, S) attention weights.
@@ -62,8 +62,8 @@ def scaled_dot_product_attention(
     """
     if checks.needed():
         scores_shape = checks.qkv(q, k, v)
-        if mask is not None:
-            checks.attention_mask(mask, scores_shape)
+        if attn_mask is not None:
+            checks.attn_mask(attn_mask, scores_shape)
         if not 0.0 <= dropout_p < 1.0:
             raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
 
@@ -73,10 +73,10 @@ def scaled_dot_product_attention(
     keep = None  # boolean (..., T, S) or None
     if is_causal:
         keep = causal_mask(q.shape[-2], k.shape[-2], device=q.device)
-    if mask is not None and mask.dtype == torch.bool:
-        keep = mask if keep is None else keep & mask
-    elif mask is not None:
-        scores = scores + mask
+    if attn_mask is not None and attn_mask.dtype == torch.bool:
+        keep = attn_mask if keep is None else keep & attn_mask
+    elif attn_mask is not None:
+        scores = scores + attn_mask
     if keep is not None:
         scores = scores.masked_fill(~keep, float("-inf"))
 
@@ -94,15 +94,15 @@ def scaled_dot_product_attention(
     return (out, weights) if return_weights else out
 
 
-def split_heads(x: Tensor, num_heads: int) -> Tensor:
+def split_heads(x: Tensor, n_head: int) -> Tensor:
     """(B, T, H * D) -> (B, H, T, D)."""
-    if x.dim() != 3 or x.shape[-1] % num_heads:
+    if x.dim() != 3 or x.shape[-1] % n_head:
         raise ValueError(
-            f"split_heads needs (B, T, H*D) with H*D divisible by num_heads={num_heads}, "
+            f"split_heads needs (B, T, H*D) with H*D divisible by n_head={n_head}, "
             f"got {tuple(x.shape)}"
         )
     batch, length, width = x.shape
-    return x.view(batch, length, num_heads, width // num_heads).transpose(1, 2)
+    return x.view(batch, length, n_head, width // n_head).transpose(1, 2)
 
 
 def merge_heads(x: Tensor) -> Tensor:
@@ -114,15 +114,15 @@ def merge_heads(x: Tensor) -> Tensor:
 
 
 def with_padding(
-    attn_mask: Tensor | None, key_mask: Tensor | None, batch: int, key_len: int
+    attn_mask: Tensor | None, attention_mask: Tensor | None, batch: int, key_len: int
 ) -> Tensor | None:
     """Combine an attention pattern (bool or additive, broadcastable to (B, H, T, S)) with a
     (B, S) padding mask (True = real token) into one mask for the scores."""
-    if key_mask is None:
+    if attention_mask is None:
         return attn_mask
     if checks.needed():
-        checks.key_mask(key_mask, batch, key_len)
-    padding = key_mask[:, None, None, :]  # (B, 1, 1, S)
+        checks.attention_mask(attention_mask, batch, key_len)
+    padding = attention_mask[:, None, None, :]  # (B, 1, 1, S)
     if attn_mask is None:
         return padding
     if attn_mask.dtype == torch.bool:
@@ -130,10 +130,10 @@ def with_padding(
     return attn_mask + torch.where(padding, 0.0, float("-inf")).to(attn_mask.dtype)
 
 
-def repeat_kv_heads(x: Tensor, num_heads: int) -> Tensor:
+def repeat_kv_heads(x: Tensor, n_head: int) -> Tensor:
     """Grouped-query attention: (B, H_kv, S, D) -> (B, H, S, D), each K/V head shared by
     H / H_kv query heads (unchanged when H_kv == H)."""
-    repeat = num_heads // x.shape[1]
+    repeat = n_head // x.shape[1]
     return x if repeat == 1 else x.repeat_interleave(repeat, dim=1)
 
 
@@ -170,9 +170,9 @@ class MultiHeadAttention(nn.Module):
     """Multi-head (and grouped-query) attention, for self- or cross-attention.
 
     Args:
-        embed_dim: E, width of the queries and of the output.
-        num_heads: H, number of query heads; ``head_dim = E // H`` unless given.
-        num_kv_heads: H_kv key/value heads (grouped-query attention); must divide H.
+        n_embd: E, width of the queries and of the output.
+        n_head: H, number of query heads; ``head_dim = E // H`` unless given.
+        n_kv_head: H_kv key/value heads (grouped-query attention); must divide H.
             Default H (standard multi-head attention); 1 gives multi-query attention.
         kv_dim: width of the key/value input for cross-attention (default E).
         bias: whether the projections have biases.
@@ -187,10 +187,10 @@ class MultiHeadAttention(nn.Module):
 
     def __init__(
         self,
-        embed_dim: int,
-        num_heads: int,
+        n_embd: int,
+        n_head: int,
         *,
-        num_kv_heads: int | None = None,
+        n_kv_head: int | None = None,
         kv_dim: int | None = None,
         bias: bool = True,
         dropout: float = 0.0,
@@ -201,29 +201,27 @@ class MultiHeadAttention(nn.Module):
     ) -> None:
         super().__init__()
         if head_dim is None:
-            if embed_dim % num_heads:
-                raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-            head_dim = embed_dim // num_heads
-        num_kv_heads = num_heads if num_kv_heads is None else num_kv_heads
-        if num_heads % num_kv_heads:
-            raise ValueError(
-                f"num_heads={num_heads} is not divisible by num_kv_heads={num_kv_heads}"
-            )
-        kv_dim = embed_dim if kv_dim is None else kv_dim
-        if fused and (kv_dim != embed_dim or num_kv_heads != num_heads):
-            raise ValueError("fused=True needs kv_dim == embed_dim and num_kv_heads == num_heads")
+            if n_embd % n_head:
+                raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+            head_dim = n_embd // n_head
+        n_kv_head = n_head if n_kv_head is None else n_kv_head
+        if n_head % n_kv_head:
+            raise ValueError(f"n_head={n_head} is not divisible by n_kv_head={n_kv_head}")
+        kv_dim = n_embd if kv_dim is None else kv_dim
+        if fused and (kv_dim != n_embd or n_kv_head != n_head):
+            raise ValueError("fused=True needs kv_dim == n_embd and n_kv_head == n_head")
 
-        self.embed_dim, self.num_heads, self.num_kv_heads = embed_dim, num_heads, num_kv_heads
+        self.n_embd, self.n_head, self.n_kv_head = n_embd, n_head, n_kv_head
         self.head_dim, self.kv_dim, self.dropout, self.fused = head_dim, kv_dim, dropout, fused
         self.rotary, self.scale = rotary, scale
-        q_width, kv_width = num_heads * head_dim, num_kv_heads * head_dim
+        q_width, kv_width = n_head * head_dim, n_kv_head * head_dim
         if fused:
-            self.qkv = nn.Linear(embed_dim, 3 * q_width, bias=bias)
+            self.qkv = nn.Linear(n_embd, 3 * q_width, bias=bias)
         else:
-            self.q_proj = nn.Linear(embed_dim, q_width, bias=bias)
+            self.q_proj = nn.Linear(n_embd, q_width, bias=bias)
             self.k_proj = nn.Linear(kv_dim, kv_width, bias=bias)
             self.v_proj = nn.Linear(kv_dim, kv_width, bias=bias)
-        self.out_proj = nn.Linear(q_width, embed_dim, bias=bias)
+        self.out_proj = nn.Linear(q_width, n_embd, bias=bias)
 
     def _project(self, query: Tensor, key_value: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         if not self.fused:
@@ -244,7 +242,7 @@ class MultiHeadAttention(nn.Module):
         key_value: Tensor | None = None,
         *,
         attn_mask: Tensor | None = None,
-        key_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         is_causal: bool = False,
         kv_cache: KVCache | None = None,
         need_weights: bool = False,
@@ -252,21 +250,21 @@ class MultiHeadAttention(nn.Module):
         """Attend from ``query`` (B, T, E) to ``key_value`` (B, S, kv_dim; None: itself).
 
         ``attn_mask``: attention pattern, bool (True = attend) or additive (e.g. T5's bias),
-        broadcastable to (B, H, T, S_total), S_total counting cached keys; ``key_mask``: (B,
+        broadcastable to (B, H, T, S_total), S_total counting cached keys; ``attention_mask``: (B,
         S_total) padding mask, True = real token; ``is_causal`` is bottom-right aligned with a
         ``kv_cache``. Returns (B, T, E), and the (B, H, T, S_total) weights if asked."""
         key_value = query if key_value is None else key_value
         if checks.needed():
-            checks.attention_inputs(query, key_value, self.embed_dim, self.kv_dim)
+            checks.attention_inputs(query, key_value, self.n_embd, self.kv_dim)
         q, k, v = self._project(query, key_value)
-        q = split_heads(q, self.num_heads)  # (B, H, T, D); k, v: (B, H_kv, S, D)
-        k, v = split_heads(k, self.num_kv_heads), split_heads(v, self.num_kv_heads)
+        q = split_heads(q, self.n_head)  # (B, H, T, D); k, v: (B, H_kv, S, D)
+        k, v = split_heads(k, self.n_kv_head), split_heads(v, self.n_kv_head)
         if self.rotary is not None:
             q, k = self.rotary(q, k, offset=0 if kv_cache is None else len(kv_cache))
         if kv_cache is not None:
             k, v = kv_cache.update(k, v)
-        k, v = repeat_kv_heads(k, self.num_heads), repeat_kv_heads(v, self.num_heads)
-        mask = with_padding(attn_mask, key_mask, query.shape[0], k.shape[-2])
+        k, v = repeat_kv_heads(k, self.n_head), repeat_kv_heads(v, self.n_head)
+        mask = with_padding(attn_mask, attention_mask, query.shape[0], k.shape[-2])
         p = self.dropout if self.training else 0.0
         out, weights = scaled_dot_product_attention(
             q, k, v, mask, is_causal=is_causal, dropout_p=p, scale=self.scale, return_weights=True

@@ -121,20 +121,21 @@ def qkv(q: Tensor, k: Tensor, v: Tensor) -> tuple[int, ...]:
     return (*batch, q.shape[-2], k.shape[-2])
 
 
-def attention_mask(mask: Tensor, scores_shape: tuple[int, ...]) -> None:
-    """A bool (True = attend) or additive float mask broadcastable to ``scores_shape``."""
+def attn_mask(mask: Tensor, scores_shape: tuple[int, ...]) -> None:
+    """An attention pattern: bool (True = attend) or additive float, broadcastable to
+    ``scores_shape``."""
     if not isinstance(mask, Tensor):
-        raise TypeError(f"mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"attn_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool and not mask.is_floating_point():
         raise ValueError(
-            f"mask must be bool (True = attend) or floating (additive), got {mask.dtype}"
+            f"attn_mask must be bool (True = attend) or floating (additive), got {mask.dtype}"
         )
     try:
         if torch.broadcast_shapes(mask.shape, scores_shape) != torch.Size(scores_shape):
             raise RuntimeError
     except RuntimeError:
         raise ValueError(
-            f"mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
+            f"attn_mask of shape {tuple(mask.shape)} does not broadcast to the attention scores "
             f"of shape {scores_shape} (..., T, S)"
         ) from None
 
@@ -153,12 +154,12 @@ def attention_inputs(query: Tensor, key_value: Tensor, width: int, kv_width: int
         )
 
 
-def key_mask(mask: Tensor, batch: int, length: int) -> None:
-    """A (B, S) bool key mask, S counting cached keys too."""
+def attention_mask(mask: Tensor, batch: int, length: int) -> None:
+    """A layer's (B, S) bool padding mask, S counting cached keys too."""
     if not isinstance(mask, Tensor):
-        raise TypeError(f"key_mask must be a torch.Tensor, got {type(mask).__name__}")
+        raise TypeError(f"attention_mask must be a torch.Tensor, got {type(mask).__name__}")
     if mask.dtype != torch.bool or mask.shape != (batch, length):
         raise ValueError(
-            f"key_mask must be a bool tensor of shape (B, S) = {(batch, length)} "
+            f"attention_mask must be a bool tensor of shape (B, S) = {(batch, length)} "
             f"(True = real token), got {mask.dtype} {tuple(mask.shape)}"
         )

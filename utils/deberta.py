@@ -35,30 +35,30 @@ class DisentangledSelfAttention(nn.Module):
     """Self-attention with DeBERTa's disentangled content and relative-position scores.
 
     Args:
-        embed_dim: E.
-        num_heads: H (E must be divisible by H).
+        n_embd: E.
+        n_head: H (E must be divisible by H).
         max_distance: k; relative distances are clipped to [-k, k - 1] (2k embeddings).
         bias: whether the projections have biases.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, max_distance: int, bias: bool = True):
+    def __init__(self, n_embd: int, n_head: int, max_distance: int, bias: bool = True):
         super().__init__()
-        if embed_dim % num_heads:
-            raise ValueError(f"embed_dim={embed_dim} is not divisible by num_heads={num_heads}")
-        self.num_heads, self.max_distance = num_heads, max_distance
-        self.q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.v_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.pos_q_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.pos_k_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
-        self.relative = nn.Embedding(2 * max_distance, embed_dim)
-        self.out_proj = nn.Linear(embed_dim, embed_dim, bias=bias)
+        if n_embd % n_head:
+            raise ValueError(f"n_embd={n_embd} is not divisible by n_head={n_head}")
+        self.n_head, self.max_distance = n_head, max_distance
+        self.q_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.k_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.v_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.pos_q_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.pos_k_proj = nn.Linear(n_embd, n_embd, bias=bias)
+        self.relative = nn.Embedding(2 * max_distance, n_embd)
+        self.out_proj = nn.Linear(n_embd, n_embd, bias=bias)
 
     def scores(self, x: Tensor) -> Tensor:
         """(B, T, E) -> the three score terms summed and scaled, (B, H, T, T)."""
         if x.dim() != 3 or not x.is_floating_point():
             raise ValueError(f"x must be a float tensor (B, T, E), got {x.dtype} {tuple(x.shape)}")
-        heads, length = self.num_heads, x.shape[1]
+        heads, length = self.n_head, x.shape[1]
         q, k = split_heads(self.q_proj(x), heads), split_heads(self.k_proj(x), heads)
         rel = self.relative.weight[None]  # (1, 2k, E)
         q_rel = split_heads(self.pos_q_proj(rel), heads)[0]  # (H, 2k, D)
@@ -71,18 +71,18 @@ class DisentangledSelfAttention(nn.Module):
         return (content + c2p + p2c.transpose(-2, -1)) * scale
 
     def forward(
-        self, x: Tensor, *, key_mask: Tensor | None = None, need_weights: bool = False
+        self, x: Tensor, *, attention_mask: Tensor | None = None, need_weights: bool = False
     ) -> Tensor | tuple[Tensor, Tensor]:
-        """x (B, T, E) -> (B, T, E); key_mask (B, T) bool, True = real token; with
+        """x (B, T, E) -> (B, T, E); attention_mask (B, T) bool, True = real token; with
         ``need_weights`` also the (B, H, T, T) attention weights."""
         scores = self.scores(x)
-        if key_mask is not None:
-            if key_mask.dtype != torch.bool or key_mask.shape != x.shape[:2]:
+        if attention_mask is not None:
+            if attention_mask.dtype != torch.bool or attention_mask.shape != x.shape[:2]:
                 raise ValueError(
-                    f"key_mask must be bool (B, T) = {tuple(x.shape[:2])}, "
-                    f"got {key_mask.dtype} {tuple(key_mask.shape)}"
+                    f"attention_mask must be bool (B, T) = {tuple(x.shape[:2])}, "
+                    f"got {attention_mask.dtype} {tuple(attention_mask.shape)}"
                 )
-            scores = scores.masked_fill(~key_mask[:, None, None, :], float("-inf"))
+            scores = scores.masked_fill(~attention_mask[:, None, None, :], float("-inf"))
         weights = torch.softmax(scores, dim=-1).nan_to_num(0.0)  # all-masked rows -> 0
-        out = self.out_proj(merge_heads(weights @ split_heads(self.v_proj(x), self.num_heads)))
+        out = self.out_proj(merge_heads(weights @ split_heads(self.v_proj(x), self.n_head)))
         return (out, weights) if need_weights else out

@@ -53,7 +53,7 @@ def gpt_config_from_hf(hf) -> GPTConfig:
         n_head=hf.n_head,
         n_embd=hf.n_embd,
         dropout=hf.resid_pdrop,
-        layer_norm_eps=hf.layer_norm_epsilon,
+        norm_eps=hf.layer_norm_epsilon,
     )
 
 
@@ -93,7 +93,7 @@ def bert_config_from_hf(hf) -> BertConfig:
         ffn_dim=hf.intermediate_size,
         type_vocab_size=hf.type_vocab_size,
         dropout=hf.hidden_dropout_prob,
-        layer_norm_eps=hf.layer_norm_eps,
+        norm_eps=hf.layer_norm_eps,
     )
 
 
@@ -167,7 +167,7 @@ def _gpt_pairs(model: GPT) -> Pairs:
 
 def _llama_pairs(model: Llama) -> Pairs:
     kinds = ("weight", "bias") if model.config.bias else ("weight",)
-    yield "embed.weight", "model.embed_tokens.weight", None
+    yield "wte.weight", "model.embed_tokens.weight", None
     for i in range(model.config.n_layer):
         ours, theirs = f"blocks.{i}.", f"model.layers.{i}."
         yield f"{ours}attn_norm.weight", f"{theirs}input_layernorm.weight", None
@@ -179,7 +179,7 @@ def _llama_pairs(model: Llama) -> Pairs:
             yield f"{ours}ffn.fc_gate.{kind}", f"{theirs}mlp.gate_proj.{kind}", None
             yield f"{ours}ffn.fc_in.{kind}", f"{theirs}mlp.up_proj.{kind}", None
             yield f"{ours}ffn.fc_out.{kind}", f"{theirs}mlp.down_proj.{kind}", None
-    yield "norm.weight", "model.norm.weight", None
+    yield "ln_f.weight", "model.norm.weight", None
     if not model.config.tie_embeddings:
         yield "lm_head.weight", "lm_head.weight", None
 
@@ -216,11 +216,11 @@ def _bert_mlm_pairs(model: BertForMaskedLM) -> Pairs:
 
 
 def _t5_pairs(model: T5) -> Pairs:
-    yield "shared.weight", "shared.weight", None
+    yield "wte.weight", "shared.weight", None
     for stack in ("encoder", "decoder"):
         first = f"{stack}.block.0.layer.0.SelfAttention.relative_attention_bias.weight"
         yield f"{stack}_position.bias.weight", first, None
-        yield f"{stack}_norm.weight", f"{stack}.final_layer_norm.weight", None
+        yield f"{stack}_ln_f.weight", f"{stack}.final_layer_norm.weight", None
         for i in range(len(getattr(model, stack))):
             ours, theirs = f"{stack}.{i}.", f"{stack}.block.{i}.layer."
             attentions = (

@@ -18,11 +18,11 @@ class LayerNorm(nn.Module):
     (..., E) -> (..., E): subtract the mean, divide by the standard deviation, scale, shift.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-5, bias: bool = True) -> None:
+    def __init__(self, n_embd: int, eps: float = 1e-5, bias: bool = True) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
-        self.bias = nn.Parameter(torch.zeros(dim)) if bias else None
+        self.weight = nn.Parameter(torch.ones(n_embd))
+        self.bias = nn.Parameter(torch.zeros(n_embd)) if bias else None
 
     def forward(self, x: Tensor) -> Tensor:
         return F.layer_norm(x, self.weight.shape, self.weight, self.bias, self.eps)
@@ -34,10 +34,10 @@ class RMSNorm(nn.Module):
     (..., E) -> (..., E): ``weight * x / sqrt(mean(x^2) + eps)``, computed in float32.
     """
 
-    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+    def __init__(self, n_embd: int, eps: float = 1e-6) -> None:
         super().__init__()
         self.eps = eps
-        self.weight = nn.Parameter(torch.ones(dim))
+        self.weight = nn.Parameter(torch.ones(n_embd))
 
     def forward(self, x: Tensor) -> Tensor:
         variance = x.float().pow(2).mean(-1, keepdim=True)
@@ -61,8 +61,8 @@ class FeedForward(nn.Module):
 
     def __init__(
         self,
-        dim: int,
-        hidden: int,
+        n_embd: int,
+        ffn_dim: int,
         activation: str = "gelu",
         gated: bool = False,
         bias: bool = True,
@@ -71,9 +71,9 @@ class FeedForward(nn.Module):
         if activation not in ACTIVATIONS:
             raise ValueError(f"activation must be one of {sorted(ACTIVATIONS)}, got {activation!r}")
         self.activation, self.act = activation, ACTIVATIONS[activation]
-        self.fc_gate = nn.Linear(dim, hidden, bias=bias) if gated else None
-        self.fc_in = nn.Linear(dim, hidden, bias=bias)
-        self.fc_out = nn.Linear(hidden, dim, bias=bias)
+        self.fc_gate = nn.Linear(n_embd, ffn_dim, bias=bias) if gated else None
+        self.fc_in = nn.Linear(n_embd, ffn_dim, bias=bias)
+        self.fc_out = nn.Linear(ffn_dim, n_embd, bias=bias)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.fc_gate is None:

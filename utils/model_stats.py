@@ -22,7 +22,6 @@ from utils.transformer import (
     T5,
     Bert,
     BertConfig,
-    EncoderDecoderTransformer,
     FeedForward,
     GPTConfig,
     LayerNorm,
@@ -30,6 +29,7 @@ from utils.transformer import (
     LlamaConfig,
     RMSNorm,
     T5Config,
+    Transformer,
     TransformerConfig,
 )
 
@@ -38,7 +38,7 @@ MODEL_FOR_CONFIG = {
     LlamaConfig: Llama,
     BertConfig: Bert,
     T5Config: T5,
-    TransformerConfig: EncoderDecoderTransformer,
+    TransformerConfig: Transformer,
 }
 
 # module type -> the part of the model it belongs to (first match, outermost module wins)
@@ -117,7 +117,7 @@ def flops_breakdown(config_or_model, context: int) -> dict[str, int]:
             key = {"attention": "attention projections", "feed-forward": "feed-forward"}
             flops[key.get(part, "output layer")] += 2 * module.in_features * module.out_features
         if isinstance(module, MultiHeadAttention):
-            flops["attention scores"] += 2 * 2 * context * module.num_heads * module.head_dim
+            flops["attention scores"] += 2 * 2 * context * module.n_head * module.head_dim
     return flops
 
 

@@ -12,16 +12,16 @@ import torch
 from torch import Tensor, nn
 
 
-def sinusoidal_encoding(num_positions: int, dim: int, base: float = 10000.0) -> Tensor:
-    """The table of Vaswani et al. (2017), shape (num_positions, dim).
+def sinusoidal_encoding(block_size: int, n_embd: int, base: float = 10000.0) -> Tensor:
+    """The table of Vaswani et al. (2017), shape (block_size, n_embd).
 
-    PE[p, 2i] = sin(p / base^(2i/dim)),  PE[p, 2i+1] = cos(p / base^(2i/dim)).
+    PE[p, 2i] = sin(p / base^(2i/n_embd)),  PE[p, 2i+1] = cos(p / base^(2i/n_embd)).
     """
-    if dim % 2:
-        raise ValueError(f"sinusoidal encoding needs an even dim, got {dim}")
-    position = torch.arange(num_positions, dtype=torch.float32)[:, None]  # (N, 1)
-    inv_freq = base ** (-torch.arange(0, dim, 2, dtype=torch.float32) / dim)  # (dim/2,)
-    table = torch.zeros(num_positions, dim)
+    if n_embd % 2:
+        raise ValueError(f"sinusoidal encoding needs an even n_embd, got {n_embd}")
+    position = torch.arange(block_size, dtype=torch.float32)[:, None]  # (N, 1)
+    inv_freq = base ** (-torch.arange(0, n_embd, 2, dtype=torch.float32) / n_embd)  # (E/2,)
+    table = torch.zeros(block_size, n_embd)
     table[:, 0::2] = torch.sin(position * inv_freq)
     table[:, 1::2] = torch.cos(position * inv_freq)
     return table
@@ -30,10 +30,10 @@ def sinusoidal_encoding(num_positions: int, dim: int, base: float = 10000.0) -> 
 class SinusoidalPositionalEncoding(nn.Module):
     """Adds the fixed sinusoidal table to token embeddings: (B, T, E) -> (B, T, E)."""
 
-    def __init__(self, dim: int, max_positions: int = 4096, base: float = 10000.0) -> None:
+    def __init__(self, n_embd: int, block_size: int = 4096, base: float = 10000.0) -> None:
         super().__init__()
         self.register_buffer(
-            "table", sinusoidal_encoding(max_positions, dim, base), persistent=False
+            "table", sinusoidal_encoding(block_size, n_embd, base), persistent=False
         )
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
@@ -44,9 +44,9 @@ class SinusoidalPositionalEncoding(nn.Module):
 class LearnedPositionalEmbedding(nn.Module):
     """A trained vector per position (BERT, GPT-2): (B, T, E) -> (B, T, E)."""
 
-    def __init__(self, max_positions: int, dim: int) -> None:
+    def __init__(self, block_size: int, n_embd: int) -> None:
         super().__init__()
-        self.embedding = nn.Embedding(max_positions, dim)
+        self.embedding = nn.Embedding(block_size, n_embd)
 
     def forward(self, x: Tensor, offset: int = 0) -> Tensor:
         _check_positions(x.shape[1], offset, self.embedding.num_embeddings)
@@ -54,10 +54,10 @@ class LearnedPositionalEmbedding(nn.Module):
         return x + self.embedding(positions)
 
 
-def _check_positions(length: int, offset: int, max_positions: int) -> None:
-    if offset < 0 or offset + length > max_positions:
+def _check_positions(length: int, offset: int, block_size: int) -> None:
+    if offset < 0 or offset + length > block_size:
         raise ValueError(
-            f"positions {offset}..{offset + length - 1} exceed max_positions={max_positions}"
+            f"positions {offset}..{offset + length - 1} exceed block_size={block_size}"
         )
 
 
@@ -100,7 +100,7 @@ class RelativePositionBias(nn.Module):
 
     def __init__(
         self,
-        num_heads: int,
+        n_head: int,
         num_buckets: int = 32,
         max_distance: int = 128,
         bidirectional: bool = True,
@@ -111,7 +111,7 @@ class RelativePositionBias(nn.Module):
             max_distance,
             bidirectional,
         )
-        self.bias = nn.Embedding(num_buckets, num_heads)
+        self.bias = nn.Embedding(num_buckets, n_head)
 
     def forward(self, query_len: int, key_len: int, offset: int = 0) -> Tensor:
         device = self.bias.weight.device
@@ -123,7 +123,7 @@ class RelativePositionBias(nn.Module):
         return self.bias(buckets).permute(2, 0, 1)[None]  # (1, H, T, S)
 
 
-def alibi_slopes(num_heads: int) -> Tensor:
+def alibi_slopes(n_head: int) -> Tensor:
     """ALiBi's per-head slopes (Press et al. 2022): a geometric sequence starting at
     2^(-8/n) for the nearest power of two n, interleaved for other head counts."""
 
@@ -131,20 +131,20 @@ def alibi_slopes(num_heads: int) -> Tensor:
         start = 2 ** (-8 / n)
         return [start ** (i + 1) for i in range(n)]
 
-    closest = 2 ** math.floor(math.log2(num_heads))
+    closest = 2 ** math.floor(math.log2(n_head))
     slopes = power_of_two_slopes(closest)
-    if closest < num_heads:
-        slopes += power_of_two_slopes(2 * closest)[0::2][: num_heads - closest]
+    if closest < n_head:
+        slopes += power_of_two_slopes(2 * closest)[0::2][: n_head - closest]
     return torch.tensor(slopes)
 
 
-def alibi_bias(num_heads: int, query_len: int, key_len: int) -> Tensor:
+def alibi_bias(n_head: int, query_len: int, key_len: int) -> Tensor:
     """(1, H, T, S) additive bias ``-slope_h * (distance from query to key)`` (causal use:
     queries aligned to the last T keys)."""
     query_pos = torch.arange(key_len - query_len, key_len)[:, None]
     key_pos = torch.arange(key_len)[None, :]
     distance = (query_pos - key_pos).clamp(min=0).float()  # (T, S)
-    return -(alibi_slopes(num_heads)[:, None, None] * distance)[None]
+    return -(alibi_slopes(n_head)[:, None, None] * distance)[None]
 
 
 def rotate_half(x: Tensor) -> Tensor:

@@ -2,11 +2,14 @@
 T5 and a Llama-style decoder, each configured by a small dataclass.
 
 Shape letters: B batch, T target/query length, S source/key length, E model width
-(``n_embd``), F feed-forward width, V vocabulary, H heads, D head dimension.
+(``n_embd``), F feed-forward width (``ffn_dim``), V vocabulary, H heads (``n_head``), D head
+dimension (``head_dim``).
 
-Masks follow the course convention (see :mod:`utils.attention`): ``attention_mask`` is a
-(B, S) tensor, ``True`` (or 1) for real tokens and ``False`` (or 0) for padding. Every model
-returns logits (or hidden states for the bare BERT encoder); losses are computed outside.
+Masks follow the course convention (see :mod:`utils.attention`): a padding mask
+(``attention_mask``; ``src_``/``tgt_attention_mask`` in the encoder-decoders) is a (B, S)
+tensor, ``True`` (or 1) for real tokens and ``False`` (or 0) for padding; an attention pattern
+(``attn_mask``) is bool (True = may attend) or added to the scores. Every model returns logits
+(or hidden states for the bare BERT encoder); losses are computed outside.
 """
 
 from __future__ import annotations
@@ -73,7 +76,7 @@ def _attention(config: BlockConfig, rotary: nn.Module | None = None) -> MultiHea
     return MultiHeadAttention(
         config.n_embd,
         config.n_head,
-        num_kv_heads=config.n_kv_head,
+        n_kv_head=config.n_kv_head,
         bias=config.bias,
         dropout=config.dropout,
         fused=config.fused_qkv,
@@ -106,18 +109,18 @@ class EncoderBlock(nn.Module):
         x: Tensor,
         *,
         attn_mask: Tensor | None = None,
-        key_mask: Tensor | None = None,
+        attention_mask: Tensor | None = None,
         is_causal: bool = False,
         kv_cache: KVCache | None = None,
     ) -> Tensor:
         """x (B, T, E); attn_mask broadcastable to (B, H, T, S) (bool or additive bias);
-        key_mask (B, S) bool, True = real token; kv_cache for incremental decoding."""
-        masks = dict(attn_mask=attn_mask, key_mask=key_mask, is_causal=is_causal, kv_cache=kv_cache)
+        attention_mask (B, S) bool, True = real token; kv_cache for incremental decoding."""
+        masks = dict(attn_mask=attn_mask, attention_mask=attention_mask, kv_cache=kv_cache)
         if self.pre_norm:  # GPT-2, T5, Llama: x + f(norm(x))
-            x = x + self.dropout(self.attn(self.attn_norm(x), **masks))
+            x = x + self.dropout(self.attn(self.attn_norm(x), is_causal=is_causal, **masks))
             x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         else:  # the original Transformer, BERT: norm(x + f(x))
-            x = self.attn_norm(x + self.dropout(self.attn(x, **masks)))
+            x = self.attn_norm(x + self.dropout(self.attn(x, is_causal=is_causal, **masks)))
             x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x
 
@@ -148,23 +151,23 @@ class DecoderBlock(nn.Module):
         x: Tensor,
         memory: Tensor,
         *,
-        self_attn_mask: Tensor | None = None,
-        key_mask: Tensor | None = None,
-        memory_mask: Tensor | None = None,
+        attn_mask: Tensor | None = None,
+        tgt_attention_mask: Tensor | None = None,
+        src_attention_mask: Tensor | None = None,
         kv_cache: KVCache | None = None,
     ) -> Tensor:
-        """x (B, T, E) target states; memory (B, S, E) encoder output;
-        self_attn_mask broadcastable to (B, H, T, T_total) (e.g. T5's position bias);
-        key_mask (B, T_total) target padding; memory_mask (B, S) source padding."""
-        masks = dict(attn_mask=self_attn_mask, key_mask=key_mask, is_causal=True, kv_cache=kv_cache)
+        """x (B, T, E) target states; memory (B, S, E) encoder output; attn_mask: the
+        self-attention pattern, broadcastable to (B, H, T, T_total) (e.g. T5's position bias);
+        tgt_attention_mask (B, T_total) and src_attention_mask (B, S): padding, True = real."""
+        masks = dict(attn_mask=attn_mask, attention_mask=tgt_attention_mask, kv_cache=kv_cache)
         if self.pre_norm:  # x + f(norm(x))
-            x = x + self.dropout(self.self_attn(self.self_attn_norm(x), **masks))
+            x = x + self.dropout(self.self_attn(self.self_attn_norm(x), is_causal=True, **masks))
             h = self.cross_attn_norm(x)
-            x = x + self.dropout(self.cross_attn(h, memory, key_mask=memory_mask))
+            x = x + self.dropout(self.cross_attn(h, memory, attention_mask=src_attention_mask))
             x = x + self.dropout(self.ffn(self.ffn_norm(x)))
         else:  # norm(x + f(x))
-            x = self.self_attn_norm(x + self.dropout(self.self_attn(x, **masks)))
-            h = self.cross_attn(x, memory, key_mask=memory_mask)
+            x = self.self_attn_norm(x + self.dropout(self.self_attn(x, is_causal=True, **masks)))
+            h = self.cross_attn(x, memory, attention_mask=src_attention_mask)
             x = self.cross_attn_norm(x + self.dropout(h))
             x = self.ffn_norm(x + self.dropout(self.ffn(x)))
         return x
@@ -204,7 +207,7 @@ class GPTConfig:
     n_embd: int = 768  # model width E; the feed-forward width is 4 E
     dropout: float = 0.0
     bias: bool = True  # biases in the linear layers and LayerNorms
-    layer_norm_eps: float = 1e-5
+    norm_eps: float = 1e-5
 
     def block_config(self) -> BlockConfig:
         """GPT-2's block: pre-LN, tanh-GELU MLP of width 4 E, fused (E, 3E) qkv projection."""
@@ -213,7 +216,7 @@ class GPTConfig:
             n_head=self.n_head,
             ffn_dim=4 * self.n_embd,
             activation="gelu_tanh",
-            norm_eps=self.layer_norm_eps,
+            norm_eps=self.norm_eps,
             bias=self.bias,
             dropout=self.dropout,
             fused_qkv=True,
@@ -253,13 +256,13 @@ class GPT(nn.Module):
         kv_caches: one KVCache per layer (``new_kv_caches()``); positions continue from
         the cache length, and the caches grow by T.
         """
-        offset, key_mask = check_decoder_inputs(self, idx, attention_mask, kv_caches)
+        offset, attention_mask = check_decoder_inputs(self, idx, attention_mask, kv_caches)
         x = self.drop(self.wpe(self.wte(idx), offset=offset))  # (B, T, E)
         with checks.trusted():
             for block, cache in zip(
                 self.blocks, kv_caches or [None] * len(self.blocks), strict=True
             ):
-                x = block(x, key_mask=key_mask, kv_cache=cache)
+                x = block(x, attention_mask=attention_mask, kv_cache=cache)
         return self.lm_head(self.ln_f(x))  # (B, T, V)
 
 
@@ -272,7 +275,7 @@ def check_decoder_inputs(
     model: nn.Module, idx: Tensor, attention_mask: Tensor | None, kv_caches: list | None
 ) -> tuple[int, Tensor | None]:
     """The boundary checks of a decoder-only model's ``forward``: token ids, one cache per
-    block, the padding mask; returns (cache length, bool key mask (B, S_total))."""
+    block, the padding mask; returns (cache length, bool attention_mask (B, S_total))."""
     checks.token_ids(idx)
     offset = checks.cache_length(kv_caches, len(model.blocks))
     total = offset + idx.shape[1]
@@ -330,15 +333,15 @@ class Llama(nn.Module):
         block = config.block_config()
         head_dim = config.head_dim or config.n_embd // config.n_head
         self.rotary = RotaryEmbedding(head_dim, base=config.rope_theta)
-        self.embed = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # token embedding
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             DecoderOnlyBlock(block, rotary=self.rotary) for _ in range(config.n_layer)
         )
-        self.norm = make_norm(block)  # final norm
+        self.ln_f = make_norm(block)  # final norm
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         if config.tie_embeddings:
-            self.lm_head.weight = self.embed.weight
+            self.lm_head.weight = self.wte.weight
         init_weights(self)
 
     def new_kv_caches(self) -> list[KVCache]:
@@ -352,15 +355,15 @@ class Llama(nn.Module):
         kv_caches: list[KVCache] | None = None,
     ) -> Tensor:
         """idx (B, T) token ids -> logits (B, T, V); same mask and cache rules as :class:`GPT`."""
-        offset, key_mask = check_decoder_inputs(self, idx, attention_mask, kv_caches)
+        offset, attention_mask = check_decoder_inputs(self, idx, attention_mask, kv_caches)
         checks.sequence_length(offset + idx.shape[1], self.config.block_size)  # GPT: in wpe
-        x = self.drop(self.embed(idx))  # (B, T, E); positions: RoPE inside attention
+        x = self.drop(self.wte(idx))  # (B, T, E); positions: RoPE inside attention
         with checks.trusted():
             for block, cache in zip(
                 self.blocks, kv_caches or [None] * len(self.blocks), strict=True
             ):
-                x = block(x, key_mask=key_mask, kv_cache=cache)
-        return self.lm_head(self.norm(x))  # (B, T, V)
+                x = block(x, attention_mask=attention_mask, kv_cache=cache)
+        return self.lm_head(self.ln_f(x))  # (B, T, V)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -380,7 +383,7 @@ class BertConfig:
     ffn_dim: int = 3072
     type_vocab_size: int = 2  # segments (sentence A / B)
     dropout: float = 0.1
-    layer_norm_eps: float = 1e-12
+    norm_eps: float = 1e-12
     pooler: bool = True
 
     def block_config(self) -> BlockConfig:
@@ -390,7 +393,7 @@ class BertConfig:
             n_head=self.n_head,
             ffn_dim=self.ffn_dim,
             activation="gelu",
-            norm_eps=self.layer_norm_eps,
+            norm_eps=self.norm_eps,
             pre_norm=False,
             dropout=self.dropout,
         )
@@ -423,7 +426,7 @@ class Bert(nn.Module):
         """idx (B, T) -> hidden states (B, T, E); token_type_ids (B, T) segment ids (default
         0); attention_mask (B, T), True = real token."""
         checks.token_ids(idx)
-        key_mask = checks.padding_mask(attention_mask, *idx.shape, "attention_mask")
+        attention_mask = checks.padding_mask(attention_mask, *idx.shape, "attention_mask")
         if token_type_ids is None:
             token_type_ids = torch.zeros_like(idx)
         checks.token_ids(token_type_ids, "token_type_ids")
@@ -435,7 +438,7 @@ class Bert(nn.Module):
         x = self.drop(self.ln_emb(self.wpe(self.wte(idx) + self.wtt(token_type_ids))))
         with checks.trusted():
             for block in self.blocks:
-                x = block(x, key_mask=key_mask)
+                x = block(x, attention_mask=attention_mask)
         return x  # (B, T, E)
 
     def pool(self, hidden: Tensor) -> Tensor:
@@ -476,22 +479,80 @@ class BertForMaskedLM(nn.Module):
 # ---------------------------------------------------------------------------------------------
 
 
-def check_source(src: Tensor, src_mask: Tensor | None) -> Tensor | None:
-    """Boundary checks of ``encode``: src (B, S) ids; returns the (B, S) bool padding mask."""
-    checks.token_ids(src, "src")
-    return checks.padding_mask(src_mask, *src.shape, "src_mask")
+class EncoderDecoder(nn.Module):
+    """What the original Transformer and T5 share: ``encode`` runs the encoder stack over the
+    source, ``decode`` runs the decoder stack over the target, attending to the encoder output.
 
+    A model built on it creates ``encoder`` and ``decoder`` (lists of :class:`EncoderBlock`
+    and :class:`DecoderBlock`) and ``encoder_ln_f``, and says what is its own: how ids become
+    embeddings and a self-attention pattern (``embed_source``, ``embed_target``) and how the
+    decoder output becomes logits (``output``).
+    """
 
-def check_target(
-    tgt: Tensor, memory: Tensor, masks: tuple[Tensor | None, Tensor | None], kv_caches, n_layer
-) -> tuple[int, Tensor | None, Tensor | None]:
-    """Boundary checks of ``decode``; ``masks`` = (tgt_mask, src_mask). Returns (cache length,
-    target key mask (B, T_total), memory key mask (B, S))."""
-    tgt_mask, src_mask = masks
-    checks.token_ids(tgt, "tgt")
-    offset = checks.cache_length(kv_caches, n_layer)
-    key_mask = checks.padding_mask(tgt_mask, tgt.shape[0], offset + tgt.shape[1], "tgt_mask")
-    return offset, key_mask, checks.padding_mask(src_mask, *memory.shape[:2], "src_mask")
+    def new_kv_caches(self) -> list[KVCache]:
+        """One self-attention cache per decoder layer (cross-attention is recomputed)."""
+        return new_kv_caches(self.decoder)
+
+    def encode(self, src: Tensor, *, src_attention_mask: Tensor | None = None) -> Tensor:
+        """src (B, S) token ids -> memory (B, S, E); src_attention_mask (B, S), True = real."""
+        checks.token_ids(src, "src")
+        src_attention_mask = checks.padding_mask(
+            src_attention_mask, *src.shape, "src_attention_mask"
+        )
+        x, attn_mask = self.embed_source(src)  # (B, S, E); attn_mask: pattern or None
+        with checks.trusted():
+            for block in self.encoder:
+                x = block(x, attn_mask=attn_mask, attention_mask=src_attention_mask)
+        return self.encoder_ln_f(x)
+
+    def decode(
+        self,
+        tgt: Tensor,
+        memory: Tensor,
+        *,
+        tgt_attention_mask: Tensor | None = None,
+        src_attention_mask: Tensor | None = None,
+        kv_caches: list[KVCache] | None = None,
+    ) -> Tensor:
+        """tgt (B, T) ids and memory (B, S, E) -> logits (B, T, V).
+
+        tgt_attention_mask (B, T_total) and src_attention_mask (B, S): True = real token.
+        With ``kv_caches`` the target positions continue from the cache length."""
+        checks.token_ids(tgt, "tgt")
+        offset = checks.cache_length(kv_caches, len(self.decoder))
+        total = offset + tgt.shape[1]
+        masks = {  # the (B, T_total) and (B, S) bool padding masks
+            "tgt_attention_mask": checks.padding_mask(
+                tgt_attention_mask, len(tgt), total, "tgt_attention_mask"
+            ),
+            "src_attention_mask": checks.padding_mask(
+                src_attention_mask, *memory.shape[:2], "src_attention_mask"
+            ),
+        }
+        x, attn_mask = self.embed_target(tgt, offset)  # (B, T, E); attn_mask: pattern or None
+        with checks.trusted():
+            for block, cache in zip(
+                self.decoder, kv_caches or [None] * len(self.decoder), strict=True
+            ):
+                x = block(x, memory, attn_mask=attn_mask, **masks, kv_cache=cache)
+        return self.output(x)  # (B, T, V)
+
+    def forward(
+        self,
+        src: Tensor,
+        tgt: Tensor,
+        *,
+        src_attention_mask: Tensor | None = None,
+        tgt_attention_mask: Tensor | None = None,
+    ) -> Tensor:
+        """src (B, S) and tgt (B, T) token ids -> logits (B, T, V) (teacher forcing)."""
+        memory = self.encode(src, src_attention_mask=src_attention_mask)
+        return self.decode(
+            tgt,
+            memory,
+            tgt_attention_mask=tgt_attention_mask,
+            src_attention_mask=src_attention_mask,
+        )
 
 
 @dataclass
@@ -524,7 +585,7 @@ class TransformerConfig:
         )
 
 
-class EncoderDecoderTransformer(nn.Module):
+class Transformer(EncoderDecoder):
     """The original Transformer: embeddings scaled by sqrt(E) plus sinusoidal positions,
     an encoder stack, a decoder stack with cross-attention, and a linear output layer.
     With ``pre_norm=True`` each stack ends with a LayerNorm (as ``torch.nn.Transformer``)."""
@@ -533,73 +594,32 @@ class EncoderDecoderTransformer(nn.Module):
         super().__init__()
         self.config = config
         block = config.block_config()
-        self.src_embed = nn.Embedding(config.src_vocab_size, config.n_embd)
-        self.tgt_embed = nn.Embedding(config.tgt_vocab_size, config.n_embd)
-        self.position = SinusoidalPositionalEncoding(config.n_embd, config.block_size)
+        self.src_wte = nn.Embedding(config.src_vocab_size, config.n_embd)  # token embeddings
+        self.tgt_wte = nn.Embedding(config.tgt_vocab_size, config.n_embd)
+        self.wpe = SinusoidalPositionalEncoding(config.n_embd, config.block_size)
         self.drop = nn.Dropout(config.dropout)
         self.encoder = nn.ModuleList(EncoderBlock(block) for _ in range(config.n_encoder_layer))
         self.decoder = nn.ModuleList(DecoderBlock(block) for _ in range(config.n_decoder_layer))
-        self.encoder_norm = make_norm(block) if config.pre_norm else nn.Identity()
-        self.decoder_norm = make_norm(block) if config.pre_norm else nn.Identity()
+        self.encoder_ln_f = make_norm(block) if config.pre_norm else nn.Identity()
+        self.decoder_ln_f = make_norm(block) if config.pre_norm else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.tgt_vocab_size, bias=False)
         init_weights(self)
         if config.tie_embeddings:
-            self.lm_head.weight = self.tgt_embed.weight
+            self.lm_head.weight = self.tgt_wte.weight
 
-    def new_kv_caches(self) -> list[KVCache]:
-        """One self-attention cache per decoder layer (cross-attention is recomputed)."""
-        return new_kv_caches(self.decoder)
+    def embed(self, wte: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
+        """(B, T) ids -> (B, T, E): ``wte(ids) * sqrt(E)`` plus sinusoidal positions."""
+        x = wte(ids) * math.sqrt(self.config.n_embd)
+        return self.drop(self.wpe(x, offset=offset))
 
-    def embed(self, embedding: nn.Embedding, ids: Tensor, offset: int = 0) -> Tensor:
-        """(B, T) ids -> (B, T, E): ``embedding(ids) * sqrt(E)`` plus sinusoidal positions."""
-        x = embedding(ids) * math.sqrt(self.config.n_embd)
-        return self.drop(self.position(x, offset=offset))
+    def embed_source(self, src: Tensor) -> tuple[Tensor, None]:
+        return self.embed(self.src_wte, src), None  # positions are in the embeddings
 
-    def encode(self, src: Tensor, *, src_mask: Tensor | None = None) -> Tensor:
-        """src (B, S) token ids -> memory (B, S, E); src_mask (B, S), True = real token."""
-        key_mask = check_source(src, src_mask)
-        x = self.embed(self.src_embed, src)
-        with checks.trusted():
-            for block in self.encoder:
-                x = block(x, key_mask=key_mask)
-        return self.encoder_norm(x)
+    def embed_target(self, tgt: Tensor, offset: int) -> tuple[Tensor, None]:
+        return self.embed(self.tgt_wte, tgt, offset), None
 
-    def decode(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        *,
-        tgt_mask: Tensor | None = None,
-        src_mask: Tensor | None = None,
-        kv_caches: list[KVCache] | None = None,
-    ) -> Tensor:
-        """tgt (B, T) ids and memory (B, S, E) -> logits (B, T, V).
-
-        tgt_mask (B, T_total) and src_mask (B, S): True = real token. With ``kv_caches``
-        the target positions continue from the cache length."""
-        masks = (tgt_mask, src_mask)
-        offset, key_mask, memory_mask = check_target(
-            tgt, memory, masks, kv_caches, len(self.decoder)
-        )
-        x = self.embed(self.tgt_embed, tgt, offset)
-        with checks.trusted():
-            for block, cache in zip(
-                self.decoder, kv_caches or [None] * len(self.decoder), strict=True
-            ):
-                x = block(x, memory, key_mask=key_mask, memory_mask=memory_mask, kv_cache=cache)
-        return self.lm_head(self.decoder_norm(x))
-
-    def forward(
-        self,
-        src: Tensor,
-        tgt: Tensor,
-        *,
-        src_mask: Tensor | None = None,
-        tgt_mask: Tensor | None = None,
-    ) -> Tensor:
-        """src (B, S) and tgt (B, T) token ids -> logits (B, T, V) (teacher forcing)."""
-        memory = self.encode(src, src_mask=src_mask)
-        return self.decode(tgt, memory, tgt_mask=tgt_mask, src_mask=src_mask)
+    def output(self, x: Tensor) -> Tensor:
+        return self.lm_head(self.decoder_ln_f(x))
 
 
 @dataclass
@@ -638,71 +658,40 @@ class T5Config:
         )
 
 
-class T5(nn.Module):
-    """T5. What differs from :class:`EncoderDecoderTransformer`: one shared embedding, no
-    absolute positions but a learned relative position bias (computed once per stack and
-    added to every layer's unscaled attention scores), RMSNorm, pre-norm blocks without
-    biases, and decoder outputs scaled by E^-0.5 before the output layer tied to the
-    embedding."""
+class T5(EncoderDecoder):
+    """T5. What differs from :class:`Transformer`: one shared embedding, no absolute
+    positions but a learned relative position bias (computed once per stack and added to
+    every layer's unscaled attention scores), RMSNorm, pre-norm blocks without biases, and
+    decoder outputs scaled by E^-0.5 before the output layer tied to the embedding."""
 
     def __init__(self, config: T5Config) -> None:
         super().__init__()
         self.config = config
         block = config.block_config()
-        self.shared = nn.Embedding(config.vocab_size, config.n_embd)
+        self.wte = nn.Embedding(config.vocab_size, config.n_embd)  # shared by both stacks
         self.drop = nn.Dropout(config.dropout)
         buckets = {"num_buckets": config.num_buckets, "max_distance": config.max_distance}
         self.encoder_position = RelativePositionBias(config.n_head, bidirectional=True, **buckets)
         self.decoder_position = RelativePositionBias(config.n_head, bidirectional=False, **buckets)
         self.encoder = nn.ModuleList(EncoderBlock(block) for _ in range(config.n_encoder_layer))
         self.decoder = nn.ModuleList(DecoderBlock(block) for _ in range(config.n_decoder_layer))
-        self.encoder_norm, self.decoder_norm = make_norm(block), make_norm(block)
+        self.encoder_ln_f, self.decoder_ln_f = make_norm(block), make_norm(block)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
-        self.lm_head.weight = self.shared.weight
+        self.lm_head.weight = self.wte.weight
         init_weights(self)
 
-    new_kv_caches = EncoderDecoderTransformer.new_kv_caches
-    forward = EncoderDecoderTransformer.forward
+    def embed_source(self, src: Tensor) -> tuple[Tensor, Tensor]:
+        """(B, S) ids -> embeddings (B, S, E) and the position bias (1, H, S, S)."""
+        return self.drop(self.wte(src)), self.encoder_position(src.shape[1], src.shape[1])
 
-    def encode(self, src: Tensor, *, src_mask: Tensor | None = None) -> Tensor:
-        """As :meth:`EncoderDecoderTransformer.encode`, with T5's relative position bias."""
-        key_mask = check_source(src, src_mask)
-        x = self.drop(self.shared(src))
-        bias = self.encoder_position(src.shape[1], src.shape[1])  # (1, H, S, S)
-        with checks.trusted():
-            for block in self.encoder:
-                x = block(x, attn_mask=bias, key_mask=key_mask)
-        return self.encoder_norm(x)
+    def embed_target(self, tgt: Tensor, offset: int) -> tuple[Tensor, Tensor]:
+        """(B, T) ids -> embeddings (B, T, E) and the position bias (1, H, T, offset + T)."""
+        length = tgt.shape[1]
+        bias = self.decoder_position(length, offset + length, offset=offset)
+        return self.drop(self.wte(tgt)), bias
 
-    def decode(
-        self,
-        tgt: Tensor,
-        memory: Tensor,
-        *,
-        tgt_mask: Tensor | None = None,
-        src_mask: Tensor | None = None,
-        kv_caches: list[KVCache] | None = None,
-    ) -> Tensor:
-        masks = (tgt_mask, src_mask)
-        offset, key_mask, memory_mask = check_target(
-            tgt, memory, masks, kv_caches, len(self.decoder)
-        )
-        x = self.drop(self.shared(tgt))
-        total = offset + tgt.shape[1]
-        bias = self.decoder_position(tgt.shape[1], total, offset=offset)  # (1, H, T, T_total)
-        with checks.trusted():
-            for block, cache in zip(
-                self.decoder, kv_caches or [None] * len(self.decoder), strict=True
-            ):
-                x = block(
-                    x,
-                    memory,
-                    self_attn_mask=bias,
-                    key_mask=key_mask,
-                    memory_mask=memory_mask,
-                    kv_cache=cache,
-                )
-        x = self.drop(self.decoder_norm(x))
+    def output(self, x: Tensor) -> Tensor:
+        x = self.drop(self.decoder_ln_f(x))
         if self.config.scale_decoder_outputs:
             x = x * self.config.n_embd**-0.5
         return self.lm_head(x)

@@ -618,3 +618,7 @@ TORCH_SDPA_FORBIDDEN = (
     "scaled_dot_product_attention",
     "this part must not call torch's scaled_dot_product_attention",
 )
+# ... and the aten ops behind it, caught when they run (``Part.forbidden_ops``).
+SDPA_OPS = (
+    ("_?scaled_dot_product.*", "this part must not call torch's scaled_dot_product_attention"),
+)

@@ -17,6 +17,7 @@ import utils.attention as attention_ref
 
 from . import reference as ref
 from .core import (
+    SDPA_OPS,
     TORCH_SDPA_FORBIDDEN,
     Part,
     Submission,
@@ -130,7 +131,7 @@ def softmax_tests() -> list[Test]:
 
 # ---------------------------------------------------------------------------------- attention
 
-ATTENTION_HINT = "out = softmax(q k^T / sqrt(D) + mask) v, softmax over the keys (last axis)."
+ATTENTION_HINT = "out = softmax(q k^T / sqrt(D) + attn_mask) v, softmax over the keys (last axis)."
 
 
 def _reference(q, k, v, mask=None, is_causal=False):
@@ -160,7 +161,7 @@ def _wrong_answers(q, k, v, mask=None, is_causal=False) -> dict:
 
 
 def _attention_call(sub: Submission, q, k, v, mask=None, is_causal=False):
-    out = sub.call(q, k, v, mask, is_causal=is_causal, names=("q", "k", "v", "mask"))
+    out = sub.call(q, k, v, mask, is_causal=is_causal, names=("q", "k", "v", "attn_mask"))
     return expect_tensor(out, "attention's output", "Return only the output tensor.")
 
 
@@ -193,7 +194,7 @@ def attention_tests() -> list[Test]:
             _attention_call(sub, *_qkv(5, 7)),
             "attention's output (no mask)",
             "NaN comes from a softmax row whose scores are all -inf (every key masked: check "
-            "what your code does when mask is None) or from inf - inf.",
+            "what your code does when attn_mask is None) or from inf - inf.",
         )
 
     def hand(sub):
@@ -269,10 +270,10 @@ def attention_tests() -> list[Test]:
             q, k, v = _qkv(t, s, seed=46 + t)
             expected = _reference(q, k, v, mask, True)
             wrong = {
-                "the causal mask alone: with is_causal=True your code drops `mask`": _reference(
-                    q, k, v, None, True
+                "the causal mask alone: with is_causal=True your code drops `attn_mask`": (
+                    _reference(q, k, v, None, True)
                 ),
-                "`mask` alone: your code ignores is_causal when a mask is given": _reference(
+                "`attn_mask` alone: your code ignores is_causal when a mask is given": _reference(
                     q, k, v, mask
                 ),
             }
@@ -400,10 +401,10 @@ def merge_heads_tests() -> list[Test]:
 # ---------------------------------------------------------------------- multi-head attention
 
 
-def _torch_mha(module, embed_dim: int, num_heads: int, kv_dim: int) -> torch.nn.MultiheadAttention:
+def _torch_mha(module, n_embd: int, n_head: int, kv_dim: int) -> torch.nn.MultiheadAttention:
     """torch's MultiheadAttention in float64 carrying the learner's weights."""
     ref = torch.nn.MultiheadAttention(
-        embed_dim, num_heads, kdim=kv_dim, vdim=kv_dim, batch_first=True, dtype=torch.float64
+        n_embd, n_head, kdim=kv_dim, vdim=kv_dim, batch_first=True, dtype=torch.float64
     )
     w = {n: getattr(module, n) for n in ("q_proj", "k_proj", "v_proj", "out_proj")}
     with torch.no_grad():
@@ -421,22 +422,22 @@ def _torch_mha(module, embed_dim: int, num_heads: int, kv_dim: int) -> torch.nn.
     return ref
 
 
-def _build(sub: Submission, embed_dim=16, num_heads=4, kv_dim=None):
+def _build(sub: Submission, n_embd=16, n_head=4, kv_dim=None):
     torch.manual_seed(0)
-    module = sub.call(embed_dim, num_heads, kv_dim=kv_dim)
+    module = sub.call(n_embd, n_head, kv_dim=kv_dim)
     if not isinstance(module, torch.nn.Module):
         fail(f"MultiHeadAttention(...) should build an nn.Module, got {type(module).__name__}")
-    kv = embed_dim if kv_dim is None else kv_dim
+    kv = n_embd if kv_dim is None else kv_dim
     for name, shape in (
-        ("q_proj", (embed_dim, embed_dim)),
-        ("k_proj", (embed_dim, kv)),
-        ("v_proj", (embed_dim, kv)),
-        ("out_proj", (embed_dim, embed_dim)),
+        ("q_proj", (n_embd, n_embd)),
+        ("k_proj", (n_embd, kv)),
+        ("v_proj", (n_embd, kv)),
+        ("out_proj", (n_embd, n_embd)),
     ):
         layer = getattr(module, name, None)
         if not isinstance(layer, torch.nn.Linear) or tuple(layer.weight.shape) != shape:
             fail(
-                f"MultiHeadAttention({embed_dim}, {num_heads}, kv_dim={kv_dim}) needs `{name}`, "
+                f"MultiHeadAttention({n_embd}, {n_head}, kv_dim={kv_dim}) needs `{name}`, "
                 f"an nn.Linear with weight of shape {shape} and a bias; got {describe_layer(layer)}"
             )
         if layer.bias is None:
@@ -548,9 +549,6 @@ MHA_FORBIDDEN = (
         "multi_head_attention_forward",
         "this part must not call torch's multi_head_attention_forward: write it yourself",
     ),
-)
-SDPA_OPS = (
-    ("_?scaled_dot_product.*", "this part must not call torch's scaled_dot_product_attention"),
 )
 SOFTMAX_OPS = (
     ("_softmax|_safe_softmax", "this part must not call torch.softmax: write it yourself"),

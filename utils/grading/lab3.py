@@ -24,6 +24,7 @@ from utils.memory import TensorMemoryTracker
 
 from . import reference as ref
 from .core import (
+    SDPA_OPS,
     TORCH_SDPA_FORBIDDEN,
     Part,
     Test,
@@ -367,9 +368,6 @@ FLASH_FORBIDDEN = (
             "triton_flash_attention_forward",
         )
     ),
-)
-SDPA_OPS = (
-    ("_?scaled_dot_product.*", "this part must not call torch's scaled_dot_product_attention"),
 )
 TRITON_OPS = (
     *SDPA_OPS,

@@ -12,7 +12,7 @@ from utils.tasks.encoders import encode, mean_pool, tokenized_batches
 
 @dataclass
 class ClassifierConfig:
-    hidden_size: int  # E, the encoder's output width
+    n_embd: int  # E, the encoder's output width
     num_classes: int
     pooling: str = "mean"  # "mean" over real tokens, or "first" ([CLS])
     dropout: float = 0.1
@@ -28,7 +28,7 @@ class SequenceClassifier(nn.Module):
         self.config = config
         self.encoder = encoder
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size, config.num_classes)
+        self.head = nn.Linear(config.n_embd, config.num_classes)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         hidden = encode(self.encoder, input_ids, attention_mask)

@@ -204,9 +204,9 @@ class TopLayers(nn.Module):
         self.blocks = bert.blocks[len(bert.blocks) - top_layers :]
 
     def forward(self, states: Tensor, attention_mask: Tensor) -> Tensor:
-        key_mask = attention_mask.bool()
+        attention_mask = attention_mask.bool()
         for block in self.blocks:
-            states = block(states, key_mask=key_mask)
+            states = block(states, attention_mask=attention_mask)
         return states
 
 

@@ -70,18 +70,18 @@ def make_shapes(n: int, size: int = 16, seed: int = 0) -> tuple[Tensor, Tensor]:
 @dataclass
 class CLIPConfig:
     image_size: int = 16
-    embed_dim: int = 32
-    hidden: int = 32  # convolution channels and word-embedding width
+    projection_dim: int = 32  # width of the shared image-text space
+    n_embd: int = 32  # convolution channels and word-embedding width
     init_temperature: float = 0.07
 
 
 class TinyCLIP(nn.Module):
     """Image encoder (two convolutions + pooling) and text encoder (mean of word embeddings),
-    each followed by a linear projection to ``embed_dim`` and L2 normalization."""
+    each followed by a linear projection to ``projection_dim`` and L2 normalization."""
 
     def __init__(self, config: CLIPConfig):
         super().__init__()
-        h = config.hidden
+        h = config.n_embd
         self.image_encoder = nn.Sequential(
             nn.Conv2d(3, h, 3, padding=1),
             nn.GELU(),
@@ -90,10 +90,10 @@ class TinyCLIP(nn.Module):
             nn.GELU(),
             nn.AdaptiveAvgPool2d(1),
             nn.Flatten(),
-            nn.Linear(h, config.embed_dim),
+            nn.Linear(h, config.projection_dim),
         )
         self.word_embedding = nn.Embedding(len(WORDS), h)
-        self.text_projection = nn.Linear(h, config.embed_dim)
+        self.text_projection = nn.Linear(h, config.projection_dim)
         self.log_inv_temperature = nn.Parameter(torch.tensor(math.log(1 / config.init_temperature)))
 
     def embed_images(self, images: Tensor) -> Tensor:

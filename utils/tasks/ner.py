@@ -77,7 +77,7 @@ def encode_tagged_sentences(
 
 @dataclass
 class TokenClassifierConfig:
-    hidden_size: int  # E
+    n_embd: int  # E
     num_labels: int  # L
     dropout: float = 0.1
 
@@ -90,7 +90,7 @@ class TokenClassifier(nn.Module):
         self.config = config
         self.encoder = encoder
         self.dropout = nn.Dropout(config.dropout)
-        self.head = nn.Linear(config.hidden_size, config.num_labels)
+        self.head = nn.Linear(config.n_embd, config.num_labels)
 
     def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
         return self.classify_hidden(encode(self.encoder, input_ids, attention_mask))

@@ -32,10 +32,10 @@ class QABatch:
 class SpanHead(nn.Module):
     """Encoder plus one linear layer giving start and end logits, each (B, T)."""
 
-    def __init__(self, encoder: nn.Module, hidden_size: int):
+    def __init__(self, encoder: nn.Module, n_embd: int):
         super().__init__()
         self.encoder = encoder
-        self.head = nn.Linear(hidden_size, 2)
+        self.head = nn.Linear(n_embd, 2)
 
     def forward(
         self, input_ids: Tensor, attention_mask: Tensor, token_type_ids: Tensor | None = None

@@ -57,7 +57,9 @@ class PackedSeq2Seq(nn.Module):
 
     def forward(self, packed: Tensor) -> Tensor:
         src, tgt = packed[:, : self.src_len], packed[:, self.src_len :]
-        return self.model(src, tgt, src_mask=src != self.pad_id, tgt_mask=tgt != self.pad_id)
+        return self.model(
+            src, tgt, src_attention_mask=src != self.pad_id, tgt_attention_mask=tgt != self.pad_id
+        )
 
 
 def pack(batch: PairBatch) -> Tensor:
@@ -81,9 +83,9 @@ class BoundDecoder(nn.Module):
     kv_caches=None) -> logits (B, T, V)``, so ``utils.generation`` can decode it. The memory
     (1, S, E) is expanded to the batch (e.g. the beams)."""
 
-    def __init__(self, model: nn.Module, memory: Tensor, src_mask: Tensor):
+    def __init__(self, model: nn.Module, memory: Tensor, src_attention_mask: Tensor):
         super().__init__()
-        self.model, self.memory, self.src_mask = model, memory, src_mask
+        self.model, self.memory, self.src_attention_mask = model, memory, src_attention_mask
         self.config = model.config
 
     def new_kv_caches(self):
@@ -94,7 +96,7 @@ class BoundDecoder(nn.Module):
         return self.model.decode(
             idx,
             self.memory.expand(B, -1, -1),
-            src_mask=self.src_mask.expand(B, -1),
+            src_attention_mask=self.src_attention_mask.expand(B, -1),
             kv_caches=kv_caches,
         )
 
@@ -113,8 +115,8 @@ def translate(
     model.eval()
     pad, bos, eos = (tokenizer.special_tokens[t] for t in (PAD, BOS, EOS))
     src = torch.tensor([tokenizer.encode(sentence) + [eos]])
-    src_mask = src != pad
-    decoder = BoundDecoder(model, model.encode(src, src_mask=src_mask), src_mask)
+    real = src != pad  # (1, S) padding mask
+    decoder = BoundDecoder(model, model.encode(src, src_attention_mask=real), real)
     prompt = torch.tensor([[bos]])
     if num_beams == 1:
         out = generate(decoder, prompt, max_new_tokens, stop_tokens=[eos])
