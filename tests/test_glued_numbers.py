@@ -15,7 +15,9 @@ import re
 from pathlib import Path
 
 import nbformat
+import numpy as np
 import pytest
+import torch
 
 from utils import glue as glue_module
 
@@ -160,6 +162,18 @@ def test_glue_stores_the_value_for_the_book(monkeypatch):
     )
     glue_module.glue("ch5_embedding_share", 0.516)
     assert stored == [("ch5_embedding_share", 0.516, False)]
+
+
+def test_glue_stores_numpy_and_torch_scalars_as_python_numbers(monkeypatch):
+    stored = []
+    monkeypatch.setattr(
+        glue_module, "_myst_glue", lambda name, value, display: stored.append(value)
+    )
+    glue_module.glue("a", np.float64(0.25))
+    glue_module.glue("b", torch.tensor(3))
+    glue_module.glue("c", np.array([1.0, 2.0]))
+    assert [type(v) for v in stored[:2]] == [float, int] and stored[:2] == [0.25, 3]
+    assert isinstance(stored[2], np.ndarray)  # arrays are left alone
 
 
 def test_glue_rejects_names_the_markdown_cannot_quote():
