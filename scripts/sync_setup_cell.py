@@ -62,9 +62,9 @@ def sync(path: Path, check: bool) -> bool:
         return True
     if check:
         return False
-    lines = source.splitlines(keepends=True)  # stored as nbformat stores it: a list of lines
+    lines = source.splitlines(keepends=True)  # as nbformat stores it: a list of lines
     if first is not None and "".join(first["source"]).startswith(MARKER):
-        first["source"] = lines
+        first["source"] = source if isinstance(first["source"], str) else lines  # keep the form
     else:
         cell = {"cell_type": "code", "execution_count": None, "id": "course-setup", "metadata": {}}
         cell["outputs"] = []
