@@ -1,15 +1,25 @@
-# make book       set up .venv (when missing or stale) and build the site into _build/html
-# make test       set up .venv and run every test: lint, unit tests, notebooks (nbval), book build, browser
+# make setup      create .venv (pinned requirements) and node_modules (the site's own MathJax,
+#                 RequireJS and widget manager, pinned in package-lock.json); redone when stale
+# make book       set up, then build the site into _build/html (it works offline)
+# make test       set up, then run every test: lint, then in one pytest run on $(JOBS) workers the
+#                 unit tests, nbval over every notebook, the book build with -W and the browser
+#                 check; prints the slowest tests
 # make notebooks  re-execute the chapter and solution notebooks in place (fresh kernel, widget state saved)
 # make labs       regenerate labs/ from solutions/
 PYTHON ?= python3
+JOBS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+NODE_STAMP := node_modules/.package-lock.json
 PY_DIRS := $(wildcard utils tests scripts benchmarks _ext)
-NOTEBOOK_DIRS := $(wildcard chapters solutions)
+# Longest first, so that the slowest notebook does not start last: chapters in reverse order.
+NOTEBOOKS := $(shell ls -r chapters/*.ipynb) $(wildcard solutions/*.ipynb)
+NBVAL := --nbval --nbval-sanitize-with tests/nbval_sanitize.cfg
+# Whole files (a notebook's cells, a test module) stay on one worker, in the order given.
+PARALLEL := -n $(JOBS) --dist loadfile --no-loadscope-reorder -p no:cacheprovider
 
-.PHONY: book test lint unit nbval notebooks labs clean
+.PHONY: setup book test lint unit nbval notebooks labs clean
 
 $(STAMP): requirements.txt requirements-nodeps.txt
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -20,7 +30,12 @@ $(STAMP): requirements.txt requirements-nodeps.txt
 	$(BIN)/python -c "import torch; assert torch.__version__.startswith('2.13.0'), torch.__version__"
 	touch $(STAMP)
 
-book: $(STAMP)
+$(NODE_STAMP): package.json package-lock.json
+	npm ci --no-audit --no-fund --ignore-scripts --loglevel=error
+
+setup: $(STAMP) $(NODE_STAMP)
+
+book: setup
 	$(BIN)/jupyter-book build . -W --keep-going
 
 lint: $(STAMP)
@@ -28,13 +43,14 @@ lint: $(STAMP)
 	$(BIN)/ruff format --check $(PY_DIRS)
 	$(BIN)/python scripts/sync_setup_cell.py --check
 
-unit: $(STAMP)
-	$(BIN)/pytest tests
+unit: setup
+	$(BIN)/pytest tests $(PARALLEL) --durations=15
 
 nbval: $(STAMP)
-	$(BIN)/pytest --nbval $(NOTEBOOK_DIRS) --nbval-sanitize-with tests/nbval_sanitize.cfg -p no:cacheprovider
+	$(BIN)/pytest $(NBVAL) $(NOTEBOOKS) $(PARALLEL) --durations=15
 
-test: lint unit nbval
+test: lint setup
+	$(BIN)/pytest $(NBVAL) $(NOTEBOOKS) tests $(PARALLEL) --durations=15
 
 notebooks: $(STAMP)
 	$(BIN)/python scripts/execute_notebooks.py

@@ -1,8 +1,10 @@
 """Write the course setup cell as the first code cell of every notebook.
 
 The cell makes ``utils`` importable: in Colab it clones the repository (address taken from
-``_config.yml``, its one home) and installs what Colab lacks; elsewhere it only puts the
-repository root on ``sys.path``. Run it after adding a notebook or changing the address:
+``_config.yml``, its one home) and installs what Colab lacks (``requirements-colab.txt``, then
+the packages that ship weights, ``requirements-nodeps.txt`` without their dependencies; Colab's
+own torch is kept); elsewhere it only puts the repository root on ``sys.path``.
+Run it after adding a notebook or changing the address:
 
     python scripts/sync_setup_cell.py            # all notebooks
     python scripts/sync_setup_cell.py --check    # exit 1 if any notebook differs
@@ -28,7 +30,9 @@ REPO_URL = "{url}"
 IN_COLAB = "google.colab" in sys.modules
 if IN_COLAB and not os.path.isdir("course"):
     subprocess.run(["git", "clone", "-q", "--depth", "1", REPO_URL, "course"], check=True)
-    subprocess.run(["pip", "install", "-q", "-r", "course/requirements-colab.txt"], check=True)
+    pip = ["pip", "install", "-q"]  # Colab's own torch stays: neither file names it
+    subprocess.run([*pip, "-r", "course/requirements-colab.txt"], check=True)
+    subprocess.run([*pip, "--no-deps", "-r", "course/requirements-nodeps.txt"], check=True)
 sys.path.insert(0, os.path.abspath("course" if IN_COLAB else ".."))"""
 
 
@@ -58,12 +62,13 @@ def sync(path: Path, check: bool) -> bool:
         return True
     if check:
         return False
+    lines = source.splitlines(keepends=True)  # as nbformat stores it: a list of lines
     if first is not None and "".join(first["source"]).startswith(MARKER):
-        first["source"] = source
+        first["source"] = source if isinstance(first["source"], str) else lines  # keep the form
     else:
         cell = {"cell_type": "code", "execution_count": None, "id": "course-setup", "metadata": {}}
         cell["outputs"] = []
-        cell["source"] = source
+        cell["source"] = lines
         index = nb["cells"].index(first) if first is not None else len(nb["cells"])
         nb["cells"].insert(index, cell)
     path.write_text(json.dumps(nb, indent=1, ensure_ascii=False) + "\n")

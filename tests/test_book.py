@@ -1,12 +1,6 @@
 """The book builds with warnings as errors, and the pages carry what readers need."""
 
-import re
-
-from conftest import ROOT
-
-
-def toc_files() -> list[str]:
-    return re.findall(r"file:\s*(\S+)", (ROOT / "_toc.yml").read_text())
+from conftest import toc_files
 
 
 def test_book_builds_without_warnings(built_site):

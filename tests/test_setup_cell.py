@@ -47,4 +47,5 @@ def test_sync_inserts_the_cell_into_a_new_notebook(tmp_path):
     assert not sync.sync(path, check=False)
     assert sync.sync(path, check=True)
     cells = json.loads(path.read_text())["cells"]
-    assert cells[0]["cell_type"] == "markdown" and cells[1]["source"] == sync.setup_cell_source()
+    assert cells[0]["cell_type"] == "markdown"
+    assert "".join(cells[1]["source"]) == sync.setup_cell_source()
