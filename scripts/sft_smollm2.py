@@ -1,17 +1,19 @@
-"""Instruction-tune SmolLM2-135M-Instruct with LoRA (SFT) on two single-word tasks it gets
+"""Instruction-tune SmolLM2-135M-Instruct with LoRA (SFT) on a single-word task it gets
 wrong zero-shot, and save the adapter that chapter 4 and the DPO script load
 (``checkpoints/smollm2_sft.safetensors`` + ``.json``).
 
-Data (``utils.instruction_data``, FLAN-style): sentiment (is a review positive or
-negative?) and SMS spam (spam or ham?), each with three instruction templates, the answer a
-single word. Zero-shot the model writes a sentence ("The sentence is negative"), so its
-accuracy as a single-word answer is near zero. LoRA (rank 8 on q/k/v/o of all 30 blocks)
-learns the format from a few hundred examples with the loss on the response tokens only.
+Data (``utils.instruction_data``, FLAN-style): sentiment of a review (positive or negative),
+three instruction templates, each asking for one word. Zero-shot the model writes a sentence
+("The sentence is negative"), so its accuracy as a single-word answer is near zero. LoRA
+(rank 8 on q/k/v/o of the top 12 of 30 blocks, so the backward pass stops at block 18) learns
+the format from 160 examples with the loss on the response tokens only.
 
-Measured before -> after on the held-out prompts (greedy decoding): accuracy per task, strict
-(the answer is exactly the label) and lenient (the first label word in the answer is right),
-and what it forgot: perplexity on held-out Wikipedia paragraphs (SQuAD contexts of the
-held-out articles). Budget <= 60 min on 2 shared cores; seeded:
+Measured before -> after on 200 held-out prompts (greedy decoding): accuracy, strict (the
+answer is exactly the label) and lenient (the first label word in the answer is right), and
+what it forgot: perplexity on held-out Wikipedia paragraphs (SQuAD contexts of the held-out
+articles). Why not SQuAD: zero-shot F1 0.163 on 16 held-out prompts took 153 s (about 10 s a
+prompt with 120-word contexts on the loaded machine), too slow for 3 x 200 prompts. Budget
+<= 60 min on 2 shared cores; seeded:
 
     python scripts/sft_smollm2.py              # the full run (writes checkpoints/)
     python scripts/sft_smollm2.py --probe      # a few steps and prompts, writes nothing
