@@ -47,8 +47,8 @@ SFT = ROOT / "checkpoints" / "smollm2_sft.safetensors"
 OUT = ROOT / "checkpoints" / "smollm2_dpo.safetensors"
 RECIPE = {
     **sft.RECIPE,
-    "train_pairs": 32,
-    "heldout_pairs": 48,
+    "train_pairs": 24,
+    "heldout_pairs": 32,
     "beta": 0.1,
     "batch_size": 4,  # pairs per step
     "epochs": 1,
