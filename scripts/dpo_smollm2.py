@@ -47,13 +47,13 @@ SFT = ROOT / "checkpoints" / "smollm2_sft.safetensors"
 OUT = ROOT / "checkpoints" / "smollm2_dpo.safetensors"
 RECIPE = {
     **sft.RECIPE,
-    "train_pairs": 24,
-    "heldout_pairs": 32,
+    "train_pairs": 16,
+    "heldout_pairs": 24,
     "beta": 0.1,
     "batch_size": 4,  # pairs per step
     "epochs": 1,
-    "lr": 3e-4,
-    "warmup_iters": 2,
+    "lr": 1e-3,
+    "warmup_iters": 1,
 }
 
 
