@@ -206,6 +206,10 @@ def test_save_and_load_adapter_round_trip(tmp_path):
     ids = torch.randint(3, 64, (2, 10))
     assert torch.equal(restored(input_ids=ids).logits, ours(input_ids=ids).logits)
     assert trainable_parameters(restored) == trainable_parameters(ours)
+    with pytest.raises(ValueError, match="lacks the model's adapter tensors"):
+        load_adapter(apply_lora(hf_llama(), ["q_proj", "v_proj", "o_proj"]), path)
+    with pytest.raises(ValueError, match="not parameters of the model"):
+        load_adapter(apply_lora(hf_llama(), ["q_proj"]), path)
 
 
 def course_models():
@@ -242,6 +246,12 @@ def test_applies_to_each_course_model(name):
     )
     with torch.no_grad():
         torch.testing.assert_close(run(merge_lora(model)), changed, rtol=0, atol=ATOL)
+
+
+def test_trainable_names_reach_tied_parameters():
+    model = apply_lora(course_models()["gpt"][0], ["attn.qkv"], trainable=["lm_head"])
+    assert model.wte.weight.requires_grad  # lm_head.weight is wte.weight (tied)
+    assert not model.wpe.embedding.weight.requires_grad
 
 
 def test_trainer_changes_only_the_adapter_weights():

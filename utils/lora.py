@@ -29,6 +29,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
@@ -170,7 +171,7 @@ def apply_lora(
 
 def _unfreeze(model: nn.Module, trainable: list[str]) -> None:
     found = set()
-    for name, parameter in model.named_parameters():
+    for name, parameter in model.named_parameters(remove_duplicate=False):  # tied: every name
         prefixes = [name.rsplit(".", k)[0] for k in range(name.count(".") + 1)]
         hits = {s for s in trainable if any(_matches(p, [s]) for p in prefixes)}
         if hits:
@@ -230,8 +231,9 @@ def adapter_config(model: nn.Module) -> dict:
         raise ValueError("LoRA layers of different rank or alpha: save them one config at a time")
     dropout = first.dropout.p if isinstance(first.dropout, nn.Dropout) else 0.0
     extra = [n for n in lora_state_dict(model) if not n.endswith((".lora_A", ".lora_B"))]
-    return {"targets": list(layers), "rank": first.rank, "alpha": first.alpha,
-            "dropout": dropout, "trainable": extra}  # fmt: skip
+    return dict(
+        targets=list(layers), rank=first.rank, alpha=first.alpha, dropout=dropout, trainable=extra
+    )
 
 
 def save_adapter(model: nn.Module, path: str | Path) -> None:
@@ -245,20 +247,19 @@ def load_adapter(model: nn.Module, path: str | Path) -> nn.Module:
     """Put a :func:`save_adapter` file onto ``model``: apply LoRA as recorded (unless the model
     already has those layers), then copy the tensors. Every saved name must exist in the model.
     Returns ``model``."""
-    from safetensors import safe_open
-
     with safe_open(str(path), framework="pt") as f:
         metadata = f.metadata() or {}
     if "lora" not in metadata:
         raise ValueError(f"{path} has no 'lora' metadata: not a save_adapter file")
     config = json.loads(metadata["lora"])
     if not lora_layers(model):
-        apply_lora(model, config["targets"], config["rank"], config["alpha"], config["dropout"],
-                   trainable=config["trainable"])  # fmt: skip
+        apply_lora(model, **config)
     tensors = load_file(str(path))
     parameters = dict(model.named_parameters())
     if unknown := [n for n in tensors if n not in parameters]:
         raise ValueError(f"adapter tensors {unknown[:4]} are not parameters of the model")
+    if missing := [n for n in lora_state_dict(model) if n not in tensors]:
+        raise ValueError(f"{path} lacks the model's adapter tensors {missing[:4]}")
     with torch.no_grad():
         for name, tensor in tensors.items():
             parameters[name].copy_(tensor)
