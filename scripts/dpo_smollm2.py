@@ -28,7 +28,6 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -36,6 +35,8 @@ sys.path.insert(0, str(ROOT))
 from scripts import sft_smollm2 as sft  # noqa: E402
 from utils import instruction_data as idata  # noqa: E402
 from utils import lora  # noqa: E402
+from utils.dpo import DPOResult, dpo_loss, token_logprobs  # noqa: E402
+from utils.evaluation import win_rate  # noqa: E402
 from utils.objectives import IGNORE_INDEX  # noqa: E402
 from utils.pretrained import load_smollm2_hf  # noqa: E402
 
@@ -99,14 +100,11 @@ def sequence_logprobs(model: nn.Module, ids: Tensor, labels: Tensor, greedy: boo
     With ``greedy``, also (B,) booleans: every labelled token is the argmax, i.e. greedy
     decoding would write exactly this response and stop (teacher forcing gives the same
     logits as decoding)."""
-    logits = model(input_ids=ids).logits.float()
-    mask = labels != IGNORE_INDEX
-    safe = labels.clamp(min=0).unsqueeze(-1)
-    token = torch.gather(logits.log_softmax(-1), 2, safe).squeeze(-1)
-    total = (token * mask).sum(-1)
+    logits = model(input_ids=ids).logits
+    total = token_logprobs(logits, labels).sum(-1)
     if not greedy:
         return total
-    return total, ((logits.argmax(-1) == labels) | ~mask).all(-1)
+    return total, ((logits.argmax(-1) == labels) | (labels == IGNORE_INDEX)).all(-1)
 
 
 class PolicyLogprobs(nn.Module):
@@ -120,14 +118,9 @@ class PolicyLogprobs(nn.Module):
         return sequence_logprobs(self.model, x[0], x[1])
 
 
-def dpo_terms(policy: Tensor, reference: Tensor, beta: float) -> dict[str, Tensor]:
-    """DPO loss (mean), implicit rewards beta * (log pi - log pi_ref) of chosen and rejected,
-    reward accuracy (chosen > rejected) and margin; policy, reference (2P,) chosen first."""
-    rewards = beta * (policy - reference)
-    chosen, rejected = rewards.chunk(2)
-    margin = chosen - rejected
-    return {"loss": -F.logsigmoid(margin).mean(), "chosen": chosen, "rejected": rejected,
-            "accuracy": (margin > 0).float().mean(), "margin": margin.mean()}  # fmt: skip
+def dpo_terms(policy: Tensor, reference: Tensor, beta: float) -> DPOResult:
+    """:func:`utils.dpo.dpo_loss` of (2P,) log-probs laid out chosen first, then rejected."""
+    return dpo_loss(*policy.chunk(2), *reference.chunk(2), beta=beta)
 
 
 class PairBatches:
@@ -173,14 +166,6 @@ def all_logprobs(model, tokenizer, pairs, batch_pairs: int = 8) -> tuple[Tensor,
 # ---------------------------------------------------------------------------------------------
 
 
-def win_rate(new: list, old: list) -> float:
-    """Share of prompts where ``new`` is right and ``old`` wrong, ties (both right or both
-    wrong) counting half: 0/1 correctness lists of the same length."""
-    return sum(
-        1.0 if n > o else 0.5 if n == o else 0.0 for n, o in zip(new, old, strict=True)
-    ) / len(new)
-
-
 def correctness(answers: list[str], examples: list) -> list[float]:
     """1.0 where an answer is exactly its example's label (strict accuracy), else 0.0."""
     return [
@@ -212,10 +197,10 @@ def preference_data(model, tokenizer, recipe: dict, sft_info: dict) -> dict:
 
 def reward_stats(policy: Tensor, reference: Tensor, beta: float) -> dict[str, float]:
     terms = dpo_terms(policy, reference, beta)
-    return {"loss": terms["loss"].item(), "reward_accuracy": terms["accuracy"].item(),
-            "reward_margin": terms["margin"].item(),
-            "chosen_reward": terms["chosen"].mean().item(),
-            "rejected_reward": terms["rejected"].mean().item()}  # fmt: skip
+    return {"loss": terms.loss.item(), "reward_accuracy": terms.accuracy.item(),
+            "reward_margin": terms.margin.item(),
+            "chosen_reward": terms.chosen_rewards.mean().item(),
+            "rejected_reward": terms.rejected_rewards.mean().item()}  # fmt: skip
 
 
 def heldout_report(before, after, sft_exact, dpo_exact, zero_right, beta) -> dict:
@@ -224,13 +209,20 @@ def heldout_report(before, after, sft_exact, dpo_exact, zero_right, beta) -> dic
     sft_right, dpo_right = sft_exact.float().tolist(), dpo_exact.float().tolist()
     return {
         "pairs": n,
-        "rewards": {"before": reward_stats(before, before, beta),
-                    "after": reward_stats(after, before, beta)},  # fmt: skip
-        "accuracy": {"sft": sum(sft_right) / n, "dpo": sum(dpo_right) / n,
-                     "zero_shot": sum(zero_right) / n},  # fmt: skip
-        "win_rates": {"dpo_vs_sft": win_rate(dpo_right, sft_right),
-                      "sft_vs_zero_shot": win_rate(sft_right, zero_right),
-                      "dpo_vs_zero_shot": win_rate(dpo_right, zero_right)},  # fmt: skip
+        "rewards": {
+            "before": reward_stats(before, before, beta),
+            "after": reward_stats(after, before, beta),
+        },  # fmt: skip
+        "accuracy": {
+            "sft": sum(sft_right) / n,
+            "dpo": sum(dpo_right) / n,
+            "zero_shot": sum(zero_right) / n,
+        },  # fmt: skip
+        "win_rates": {
+            "dpo_vs_sft": win_rate(dpo_right, sft_right),
+            "sft_vs_zero_shot": win_rate(sft_right, zero_right),
+            "dpo_vs_zero_shot": win_rate(dpo_right, zero_right),
+        },  # fmt: skip
     }
 
 
@@ -243,7 +235,7 @@ def train_dpo(model, tokenizer, recipe: dict, data: dict):
     batches = PairBatches(tokenizer, data["train"], reference, recipe["batch_size"], recipe["seed"])
 
     def loss_fn(policy: Tensor, ref: Tensor) -> Tensor:
-        return dpo_terms(policy, ref, beta)["loss"]
+        return dpo_terms(policy, ref, beta).loss
 
     trainer, seconds = sft.train_lora(model, batches, recipe, loss_fn, PolicyLogprobs(model))
     heldout_policy, dpo_exact = all_logprobs(model, tokenizer, data["heldout"])
