@@ -138,7 +138,8 @@ def generate_answers(
         encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
         out = model.generate(
             **encoded, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.eos_token_id,
-            do_sample=sample, top_k=None, top_p=None, temperature=1.0 if sample else None,
+            **({"do_sample": True, "top_k": 0, "top_p": 1.0, "temperature": 1.0} if sample
+               else {"do_sample": False}),
         )  # fmt: skip
         new = out[:, encoded.input_ids.shape[1] :]
         answers += tokenizer.batch_decode(new, skip_special_tokens=True)
