@@ -175,7 +175,7 @@ def main() -> None:
     record = save_finetuned(tagger, args.out, {
         "task": "NER (WNUT-17 test)",
         "script": "scripts/finetune_ner.py",
-        "recipe": {**vars(args), "out": str(args.out),
+        "recipe": {**vars(args), "out": f"checkpoints/{args.out.name}",
                    "train_config": dataclasses.asdict(trainer.config),
                    "parameters": str(trainable_parameters(tagger))},
         "labels": LABELS,

@@ -173,7 +173,7 @@ def main() -> None:
     record = save_finetuned(model, args.out, {
         "task": "extractive QA (SQuAD 2.0 answerable, held-out articles)",
         "script": "scripts/finetune_qa.py",
-        "recipe": {**vars(args), "out": str(args.out),
+        "recipe": {**vars(args), "out": f"checkpoints/{args.out.name}",
                    "train_config": dataclasses.asdict(trainer.config),
                    "parameters": str(trainable_parameters(model))},
         "predict": {"max_length": args.max_length, "stride": args.stride},
