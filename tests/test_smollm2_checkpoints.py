@@ -84,7 +84,6 @@ def test_dpo_adapter_reproduces_its_heldout_rewards(smollm2):
         torch.tensor(recorded["reference_logprobs"]),
         beta,
     )
-    assert full["accuracy"].item() == pytest.approx(recorded["rewards"]["after"]["reward_accuracy"])
-    assert full["margin"].item() == pytest.approx(
-        recorded["rewards"]["after"]["reward_margin"], abs=1e-6
-    )
+    after = recorded["rewards"]["after"]
+    assert full.accuracy.item() == pytest.approx(after["reward_accuracy"])
+    assert full.margin.item() == pytest.approx(after["reward_margin"], abs=1e-6)
