@@ -15,8 +15,7 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from transformers import LlamaConfig as HFLlamaConfig
-from transformers import LlamaForCausalLM
+from tiny_hf_models import hf_llama
 from trl import DPOTrainer
 from trl.trainer.utils import add_fused_lm_head
 
@@ -36,16 +35,6 @@ from utils.training import TrainConfig, Trainer
 from utils.transformer import GPT, GPTConfig
 
 LOG2 = math.log(2.0)
-
-
-def hf_llama(seed: int) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = HFLlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).float().eval()
 
 
 def random_pairs(pairs=3, length=12, seed=0):

@@ -12,10 +12,8 @@ import math
 import pytest
 import torch
 from peft import LoraConfig, get_peft_model
+from tiny_hf_models import hf_bert, hf_llama
 from torch import nn
-from transformers import BertConfig as HFBertConfig
-from transformers import BertModel, LlamaForCausalLM
-from transformers import LlamaConfig as HFLlamaConfig
 
 from utils.lora import (
     LoRALinear,
@@ -40,26 +38,6 @@ from utils.transformer import (
 )
 
 ATOL = 1e-5
-
-
-def hf_llama(seed: int = 0) -> LlamaForCausalLM:
-    torch.manual_seed(seed)
-    config = HFLlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32,
-        bos_token_id=1, eos_token_id=2, pad_token_id=0,
-    )  # fmt: skip
-    return LlamaForCausalLM(config).float().eval()
-
-
-def hf_bert(seed: int = 0) -> BertModel:
-    torch.manual_seed(seed)
-    config = HFBertConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-        num_attention_heads=4, max_position_embeddings=32, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0, pad_token_id=0,
-    )  # fmt: skip
-    return BertModel(config).float().eval()
 
 
 def peft_and_ours(base: nn.Module, targets, rank=4, alpha=8.0, dropout=0.0, seed=1):
