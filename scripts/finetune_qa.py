@@ -1,5 +1,5 @@
 """Fine-tune MiniLM (all-MiniLM-L6-v2) for extractive question answering with LoRA and save the
-adapter chapter 5 loads: ``checkpoints/qa_minilm_lora.safetensors`` (about 1.4 MB: the LoRA
+adapter chapter 5 loads: ``checkpoints/qa_minilm_lora.safetensors`` (about 2.7 MB: the LoRA
 factors, the span head and the tuned blocks' LayerNorms) and ``qa_minilm_lora.json`` beside it
 (recipe, data split, metrics, training time, sha256, versions).
 
@@ -9,18 +9,20 @@ last titles in sorted order (1,074 questions) are held out. Contexts longer than
 cut into 384-token windows with 128 tokens of overlap; the answer is the best valid span (inside
 the context, at most 30 tokens) over all windows.
 
-Recipe: LoRA rank 16 (alpha 32) on every linear layer of the top ``--tuned-blocks`` (3) blocks,
-the span head and those blocks' LayerNorms trained in full, 2 epochs at lr 1e-3, batch 16,
-through the course's ``Trainer`` (AdamW, 10 % warmup then linear decay, length-bucketed
-batches). The 3 frozen blocks below run once over the training windows (chapter 5's
-frozen-prefix speed option, ``cached_prefix``), which halves the cost of a step.
+Recipe: LoRA rank 16 (alpha 32) on every linear layer of the top ``--tuned-blocks`` (all 6)
+blocks, the span head and those blocks' LayerNorms trained in full, 5 epochs at lr 1e-3, batch
+16, through the course's ``Trainer`` (AdamW, 10 % warmup then linear decay, length-bucketed
+batches). With fewer tuned blocks the frozen blocks below run once over the training windows
+(chapter 5's frozen-prefix speed option, ``cached_prefix``), which cuts the cost of a step;
+with all 6 tuned only the frozen embeddings are cached (3 blocks for 2 epochs reached held-out
+F1 0.338, short of the 0.50 target).
 
 Baselines on the same split: the paragraph's first sentence, and (``--frozen-baseline``)
 chapter 5's recipe: only the top block and the head trained, on cached states of the five
 frozen blocks below, also through the ``Trainer``. Seeded and deterministic for a given thread
 count. Budget: at most 60 minutes on 2 cores (measured time and machine load in the JSON):
 
-    python scripts/finetune_qa.py
+    python scripts/finetune_qa.py --frozen-baseline   # the committed artifact
     python scripts/finetune_qa.py --epochs 1 --frozen-baseline --out /tmp/qa.safetensors
 """
 
@@ -69,7 +71,7 @@ SUBSET = 100  # held-out questions the test re-scores
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--out", type=Path, default=QA_ARTIFACT)
-    p.add_argument("--epochs", type=int, default=2)
+    p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--rank", type=int, default=16)
     p.add_argument("--alpha", type=float, default=32.0)
@@ -78,7 +80,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--stride", type=int, default=128)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--tuned-blocks", type=int, default=3, help="LoRA on the top blocks only")
+    p.add_argument("--tuned-blocks", type=int, default=6, help="LoRA on the top blocks only")
     p.add_argument("--frozen-baseline", action="store_true", help="also run chapter 5's recipe")
     return p.parse_args()
 
