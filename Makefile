@@ -4,9 +4,18 @@
 # make test       set up, then run every test: lint, then in one pytest run on $(JOBS) workers the
 #                 unit tests, nbval over every notebook, the book build with -W and the browser
 #                 check; prints the slowest tests
-# make notebooks  re-execute the chapter and solution notebooks in place (fresh kernel, widget state saved)
+# make notebooks  re-execute the chapter and solution notebooks in place (fresh kernel, widget state
+#                 saved); NB=chapters/NN_name.ipynb for one (also for make nbval)
 # make labs       regenerate labs/ from solutions/
 PYTHON ?= python3
+# One float32 code path on every x86-64 CPU, so that nbval's comparison of stored and fresh outputs
+# does not depend on the machine: PyTorch's own kernels and MKL's GEMMs take their AVX2 branch (an
+# AVX-512 CPU otherwise rounds differently) and kernels run two threads. bfloat16 matmuls (oneDNN)
+# keep the CPU's own instructions, emulated without AVX-512 BF16 many times slower: their rounding
+# differs between CPUs, so their printed numbers are not compared (CONTRIBUTING.md).
+export ATEN_CPU_CAPABILITY ?= avx2
+export MKL_CBWR ?= AVX2
+export OMP_NUM_THREADS ?= 2
 JOBS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin
@@ -47,13 +56,13 @@ unit: setup
 	$(BIN)/pytest tests $(PARALLEL) --durations=15
 
 nbval: $(STAMP)
-	$(BIN)/pytest $(NBVAL) $(NOTEBOOKS) $(PARALLEL) --durations=15
+	$(BIN)/pytest $(NBVAL) $(or $(NB),$(NOTEBOOKS)) $(PARALLEL) --durations=15
 
 test: lint setup
 	$(BIN)/pytest $(NBVAL) $(NOTEBOOKS) tests $(PARALLEL) --durations=15
 
 notebooks: $(STAMP)
-	$(BIN)/python scripts/execute_notebooks.py
+	$(BIN)/python scripts/execute_notebooks.py $(NB)
 
 labs: $(STAMP)
 	$(BIN)/python scripts/make_labs.py

@@ -22,6 +22,7 @@ seeded:
 
 import argparse
 import json
+import os
 import platform
 import sys
 import time
@@ -48,13 +49,13 @@ SFT = ROOT / "checkpoints" / "smollm2_sft.safetensors"
 OUT = ROOT / "checkpoints" / "smollm2_dpo.safetensors"
 RECIPE = {
     **sft.RECIPE,
-    "train_pairs": 16,
-    "heldout_pairs": 24,
+    "train_pairs": 160,
+    "heldout_pairs": 200,  # every held-out prompt of the SFT run
     "beta": 0.1,
-    "batch_size": 4,  # pairs per step
-    "epochs": 1,
-    "lr": 1e-3,
-    "warmup_iters": 1,
+    "batch_size": 8,  # pairs per step
+    "epochs": 2,
+    "lr": 5e-4,
+    "warmup_iters": 4,
 }
 
 
@@ -257,7 +258,7 @@ def main() -> None:
     if args.probe:
         recipe.update(train_pairs=2, heldout_pairs=2, batch_size=2, eval_prompts=4,
                       subset_prompts=2, perplexity_paragraphs=1, warmup_iters=1)  # fmt: skip
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     sft_info = json.loads(args.sft.with_suffix(".json").read_text())
     model, tokenizer = load_smollm2_hf()
     lora.load_adapter(model, args.sft)
@@ -286,7 +287,8 @@ def main() -> None:
         "train_loss": trainer.history.train_loss,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - start, 1),
-        "machine": f"{platform.machine()}, {args.threads} threads, shared with other jobs (loaded)",
+        "machine": f"{platform.machine()}, {args.threads} threads",
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         **sft.file_record(OUT),
         "versions": sft.versions(),
     }  # fmt: skip

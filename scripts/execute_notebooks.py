@@ -3,11 +3,15 @@
 Widget state is saved so widgets render on the static site. Lab notebooks (``labs/``) are
 stored unexecuted and are skipped. Prints the wall time of each notebook.
 
-    python scripts/execute_notebooks.py                       # chapters/ and solutions/
-    python scripts/execute_notebooks.py chapters/01_attention.ipynb
+    make notebooks                              # chapters/ and solutions/
+    make notebooks NB=chapters/01_attention.ipynb
+
+Run it through make: the Makefile pins the CPU's floating-point code path (PINNED_ENV), without
+which the stored outputs would hold this machine's rounding and fail nbval on another CPU.
 """
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -17,6 +21,7 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED_DIRS = ("chapters", "solutions")
+PINNED_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")
 
 
 def execute(path: Path, timeout: int) -> float:
@@ -40,6 +45,9 @@ def main() -> None:
     parser.add_argument("paths", nargs="*", type=Path)
     parser.add_argument("--timeout", type=int, default=900, help="seconds per cell")
     args = parser.parse_args()
+    unset = [name for name in PINNED_ENV if name not in os.environ]
+    if unset:
+        sys.exit(f"{', '.join(unset)} not set: run `make notebooks` (NB=path for one notebook)")
     paths = args.paths or sorted(p for d in EXECUTED_DIRS for p in (ROOT / d).glob("*.ipynb"))
     for path in paths:
         if path.resolve().parent.name == "labs":

@@ -6,7 +6,8 @@ Data (``utils.instruction_data``, FLAN-style): sentiment of a review (positive o
 three instruction templates, each asking for one word. Zero-shot the model writes a sentence
 ("The sentence is negative"), so its accuracy as a single-word answer is near zero. LoRA
 (rank 8 on q/k/v/o of the top 12 of 30 blocks, so the backward pass stops at block 18) learns
-the format from 160 examples with the loss on the response tokens only.
+the format and the task from 960 examples (one epoch, 120 steps) with the loss on the response
+tokens only.
 
 Measured before -> after on 200 held-out prompts (greedy decoding): accuracy, strict (the
 answer is exactly the label) and lenient (the first label word in the answer is right), and
@@ -23,6 +24,7 @@ import argparse
 import hashlib
 import json
 import math
+import os
 import platform
 import sys
 import time
@@ -41,7 +43,7 @@ from utils.training import TrainConfig, Trainer  # noqa: E402
 
 OUT = ROOT / "checkpoints" / "smollm2_sft.safetensors"
 RECIPE = {
-    "tasks": {"sentiment": 160},  # training examples per task
+    "tasks": {"sentiment": 960},  # training examples per task
     "eval_prompts": 200,  # held-out prompts per task
     "subset_prompts": 20,  # per task, the fixed subset the test reproduces
     # q/k/v/o of the top 12 of 30 blocks: the backward pass stops at block 18 (CPU time)
@@ -52,7 +54,7 @@ RECIPE = {
     "batch_size": 8,
     "epochs": 1,
     "lr": 1e-3,
-    "warmup_iters": 5,
+    "warmup_iters": 10,
     "weight_decay": 0.0,
     "max_new_tokens": 6,
     "perplexity_paragraphs": 16,
@@ -218,7 +220,7 @@ def main() -> None:
     if args.probe:
         recipe.update(tasks={"sentiment": 8}, eval_prompts=4, subset_prompts=2, batch_size=4,
                       perplexity_paragraphs=1, warmup_iters=1)  # fmt: skip
-    start = time.perf_counter()
+    start, load_start = time.perf_counter(), os.getloadavg()
     model, tokenizer = load_smollm2_hf()
     print(f"loaded in {time.perf_counter() - start:.0f} s", flush=True)
     before = evaluate(model, tokenizer, recipe)
@@ -251,7 +253,8 @@ def main() -> None:
         "train_loss": trainer.history.train_loss,
         "train_seconds": round(train_seconds, 1),
         "total_seconds": round(time.perf_counter() - start, 1),
-        "machine": f"{platform.machine()}, {args.threads} threads, shared with other jobs (loaded)",
+        "machine": f"{platform.machine()}, {args.threads} threads",
+        "load_average": {"start": load_start, "end": os.getloadavg()},
         **file_record(OUT),
         "versions": versions(),
     }

@@ -81,6 +81,35 @@ def test_entity_f1_matches_seqeval_on_wnut17():
             assert score.gold == report[kind]["support"], kind
 
 
+def test_entity_errors_hand_worked():
+    gold = [["B-person", "I-person", "O", "B-location", "O", "B-group", "O", "B-product", "O"],
+            ["B-corporation", "O", "O"]]  # fmt: skip
+    pred = [["B-person", "I-person", "O", "B-group", "O", "B-group", "I-group", "O", "B-person"],
+            ["O", "O", "B-product"]]  # fmt: skip
+    # person exact; location retyped on its span; group overlapped by a longer group;
+    # product missed; corporation missed; one spurious person and one spurious product
+    assert M.entity_errors(pred, gold) == {
+        "correct": 1, "wrong type": 1, "wrong boundaries": 1, "wrong type and boundaries": 0,
+        "missed": 2, "spurious": 2,
+    }  # fmt: skip
+    assert (
+        M.entity_errors([["B-group", "I-group"]], [["B-person", "O"]])["wrong type and boundaries"]
+        == 1
+    )
+    with pytest.raises(ValueError, match="2 predicted tags for 1 gold"):
+        M.entity_errors([["O", "O"]], [["O"]])
+
+
+def test_entity_errors_agree_with_entity_f1_on_wnut17():
+    rng = random.Random(1)
+    gold = [tags for _, tags in load_wnut17("dev")]
+    pred = [corrupt(tags, rng) for tags in gold]
+    errors, scores = M.entity_errors(pred, gold), M.entity_f1(pred, gold)["overall"]
+    assert errors["correct"] == scores.true_positives
+    assert sum(errors[k] for k in M.ENTITY_OUTCOMES if k != "spurious") == scores.gold
+    assert 0 < errors["spurious"] <= scores.predicted - scores.true_positives
+
+
 # Hand-worked with the official SQuAD 2.0 evaluation script's rules.
 @pytest.mark.parametrize(
     ("prediction", "golds", "em", "f1"),

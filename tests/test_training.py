@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from utils.memory import saved_tensor_bytes
+from utils.objectives import IGNORE_INDEX
 from utils.optim import parameter_groups
 from utils.training import (
     RandomWindows,
@@ -134,6 +135,20 @@ def test_evaluate_is_the_mean_over_all_targets():
     model.train()
     assert evaluate_loss(model, batches) == pytest.approx(expected, abs=1e-6)
     assert model.training  # the mode is restored
+
+
+def test_evaluate_counts_only_the_targets_that_are_not_ignored():
+    model = GPT(TINY_GPT).eval()
+    g = torch.Generator().manual_seed(3)
+    x = torch.randint(11, (6, 8), generator=g)
+    y = torch.randint(11, (6, 8), generator=g)
+    y[:2, :6] = IGNORE_INDEX  # the first batch keeps 2 + 2 targets of 16, the second all 16
+    y[2:4, :] = IGNORE_INDEX  # and the third none: it must not count
+    batches = [(x[:2], y[:2]), (x[4:], y[4:]), (x[2:4], y[2:4])]
+    expected = F.cross_entropy(model(x).reshape(-1, 11), y.reshape(-1), ignore_index=IGNORE_INDEX)
+    assert evaluate_loss(model, batches) == pytest.approx(expected.item(), abs=1e-6)
+    with pytest.raises(ValueError, match="no targets"):
+        evaluate_loss(model, [batches[2]])
 
 
 # ---------------------------------------------------------------------------------------------

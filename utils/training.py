@@ -31,6 +31,7 @@ from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
+from utils.objectives import IGNORE_INDEX
 from utils.optim import configure_adamw, lr_at
 
 Batch = tuple[Tensor, Tensor]
@@ -185,6 +186,13 @@ def cross_entropy_loss(logits: Tensor, targets: Tensor, label_smoothing: float =
     )
 
 
+def target_count(y: Tensor) -> int:
+    """The number of targets in ``y``: every entry, less integer labels equal to IGNORE_INDEX."""
+    if y.is_floating_point():
+        return y.numel()
+    return int((y != IGNORE_INDEX).sum())
+
+
 @torch.no_grad()
 def evaluate_loss(
     model: nn.Module,
@@ -192,7 +200,9 @@ def evaluate_loss(
     batch_loss: Callable[[Batch], Tensor] | None = None,
 ) -> float:
     """Mean loss over all the targets of fixed ``(x, y)`` batches: each batch's mean loss
-    weighted by ``y.numel()``. The model is put in eval mode and then back in its mode.
+    weighted by its number of targets: the entries of ``y``, less those of integer labels equal
+    to ``IGNORE_INDEX`` (e.g. the prompt positions of SFT); batches with none are skipped. The
+    model is put in eval mode and then back in its mode.
 
     ``batch_loss(batch)`` gives a batch's mean loss; default: :func:`cross_entropy_loss` of
     ``model(x)`` (B, T, V) against ``y`` (B, T).
@@ -204,9 +214,12 @@ def evaluate_loss(
 
     was_training = model.training
     model.eval()
-    total = sum(batch_loss(b).item() * b[1].numel() for b in batches)
+    counts = [target_count(b[1]) for b in batches]
+    total = sum(batch_loss(b).item() * n for b, n in zip(batches, counts, strict=True) if n)
     model.train(was_training)
-    return total / sum(b[1].numel() for b in batches)
+    if not sum(counts):
+        raise ValueError("the evaluation batches have no targets (every label is IGNORE_INDEX)")
+    return total / sum(counts)
 
 
 class Trainer:

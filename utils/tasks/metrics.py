@@ -2,7 +2,8 @@
 
 - classification: ``accuracy``, ``f1_score`` (binary or macro), ``confusion_matrix``
   (checked against scikit-learn);
-- NER: ``bio_entities`` and ``entity_f1`` (CoNLL entity-level scores, checked against seqeval);
+- NER: ``bio_entities`` and ``entity_f1`` (CoNLL entity-level scores, checked against seqeval),
+  ``entity_errors`` (what went wrong with each entity, for error analysis);
 - extractive QA: ``squad_normalize``, ``squad_exact_match``, ``squad_f1`` (the official SQuAD
   2.0 evaluation script's definitions);
 - translation: ``corpus_bleu`` (mteval-13a tokenization, 4-gram, brevity penalty, "exp"
@@ -154,6 +155,48 @@ def entity_f1(
     scores = {k: prf(correct[k], found[k], gold[k]) for k in sorted(set(found) | set(gold))}
     scores["overall"] = prf(sum(correct.values()), sum(found.values()), sum(gold.values()))
     return scores
+
+
+ENTITY_OUTCOMES = ("correct", "wrong type", "wrong boundaries", "wrong type and boundaries",
+                   "missed", "spurious")  # fmt: skip
+
+
+def _gold_outcome(entity: tuple[str, int, int], predicted: set[tuple[str, int, int]]) -> str:
+    kind, start, end = entity
+    overlapping = [(k, a, b) for k, a, b in predicted if a < end and start < b]
+    if entity in predicted:
+        return "correct"
+    if not overlapping:
+        return "missed"
+    if any((a, b) == (start, end) for _, a, b in overlapping):
+        return "wrong type"
+    if any(k == kind for k, _, _ in overlapping):
+        return "wrong boundaries"
+    return "wrong type and boundaries"
+
+
+def entity_errors(
+    predictions: Sequence[Sequence[str]], references: Sequence[Sequence[str]]
+) -> Counter:
+    """How each entity fared, counted over sentences (keys :data:`ENTITY_OUTCOMES`).
+
+    Every gold entity gets one outcome: ``correct`` (type and span exact, the true positives of
+    :func:`entity_f1`), ``wrong type`` (a prediction has its exact span, not its type),
+    ``wrong boundaries`` (an overlapping prediction of its type), ``wrong type and boundaries``
+    (only overlapping predictions of other types) or ``missed`` (no overlapping prediction).
+    Predicted entities that overlap no gold entity are ``spurious``.
+    """
+    _check_same_length(predictions, references)
+    counts = Counter(dict.fromkeys(ENTITY_OUTCOMES, 0))
+    for pred_tags, gold_tags in zip(predictions, references, strict=True):
+        if len(pred_tags) != len(gold_tags):
+            raise ValueError(f"{len(pred_tags)} predicted tags for {len(gold_tags)} gold tags")
+        pred_set, gold_set = bio_entities(pred_tags), bio_entities(gold_tags)
+        for entity in gold_set:
+            counts[_gold_outcome(entity, pred_set)] += 1
+        for _, start, end in pred_set:
+            counts["spurious"] += not any(a < end and start < b for _, a, b in gold_set)
+    return counts
 
 
 # ---------------------------------------------------------------------------------------------
