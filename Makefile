@@ -8,14 +8,17 @@
 #                 saved); NB=chapters/NN_name.ipynb for one (also for make nbval)
 # make labs       regenerate labs/ from solutions/
 PYTHON ?= python3
-# One float32 code path on every x86-64 CPU, so that nbval's comparison of stored and fresh outputs
-# does not depend on the machine: PyTorch's own kernels and MKL's GEMMs take their AVX2 branch (an
-# AVX-512 CPU otherwise rounds differently) and kernels run two threads. bfloat16 matmuls (oneDNN)
-# keep the CPU's own instructions, emulated without AVX-512 BF16 many times slower: their rounding
-# differs between CPUs, so their printed numbers are not compared (CONTRIBUTING.md).
+# One floating-point code path on every x86-64 CPU, so that nbval's comparison of stored and fresh
+# outputs does not depend on the machine: PyTorch's own kernels, MKL's GEMMs and oneDNN (which
+# some float32 ops use too) take their AVX2 branch (an AVX-512 CPU otherwise rounds differently),
+# with a fixed two threads that MKL and OpenMP may not reduce under load. bfloat16 matmuls are
+# then emulated (slow, but the same everywhere).
 export ATEN_CPU_CAPABILITY ?= avx2
 export MKL_CBWR ?= AVX2
+export ONEDNN_MAX_CPU_ISA ?= AVX2
 export OMP_NUM_THREADS ?= 2
+export MKL_DYNAMIC ?= FALSE
+export OMP_DYNAMIC ?= FALSE
 JOBS ?= 2
 VENV := .venv
 BIN := $(VENV)/bin

@@ -21,7 +21,10 @@ from nbclient import NotebookClient
 
 ROOT = Path(__file__).resolve().parents[1]
 EXECUTED_DIRS = ("chapters", "solutions")
-PINNED_ENV = ("ATEN_CPU_CAPABILITY", "MKL_CBWR", "OMP_NUM_THREADS")
+PINNED_ENV = (
+    "ATEN_CPU_CAPABILITY", "MKL_CBWR", "ONEDNN_MAX_CPU_ISA", "OMP_NUM_THREADS", "MKL_DYNAMIC",
+    "OMP_DYNAMIC",
+)  # fmt: skip
 
 
 def execute(path: Path, timeout: int) -> float:

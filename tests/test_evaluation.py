@@ -22,10 +22,12 @@ from utils.evaluation import (
     greedy_answers,
     greedy_generate,
     label_accuracy,
+    text_perplexity,
     token_f1,
     win_rate,
 )
 from utils.generation import generate
+from utils.objectives import perplexity
 from utils.tokenization import CharTokenizer
 from utils.transformer import GPT, GPTConfig
 
@@ -133,3 +135,18 @@ def test_before_after_table_and_bad_inputs():
         greedy_generate(
             GPT(GPTConfig(vocab_size=4, block_size=8, n_layer=1, n_head=1, n_embd=4)), [[]], 2
         )
+
+
+def test_text_perplexity_equals_the_course_perplexity_text_by_text():
+    chars = CharTokenizer("abcd \n")
+    torch.manual_seed(2)
+    model = GPT(GPTConfig(vocab_size=6, block_size=32, n_layer=1, n_head=1, n_embd=8)).train()
+    texts = ["abc dab cab", "dd cc ba abcd abcd"]  # 11 and 18 characters; cut at 12 tokens
+    nll = [math.log(perplexity(model.eval(), chars.encode(t[:12]), block_size=32)) for t in texts]
+    counts = [len(t[:12]) - 1 for t in texts]  # next-token targets per text
+    expected = math.exp(sum(n * c for n, c in zip(nll, counts, strict=True)) / sum(counts))
+    model.train()
+    assert text_perplexity(model, chars, texts, max_tokens=12) == pytest.approx(expected, rel=1e-6)
+    assert model.training  # the mode is restored
+    with pytest.raises(ValueError, match="at least 2 tokens"):
+        text_perplexity(model, chars, ["a"], max_tokens=12)

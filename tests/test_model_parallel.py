@@ -1,10 +1,12 @@
 """utils.model_parallel: 2 real processes (gloo on CPU) against one process, and the ZeRO
 memory model against the numbers printed in Rajbhandari et al. (2020).
 
-Tolerance for training comparisons: ``atol=1e-5``. Two processes average two half-batch
+Tolerance for training comparisons: ``atol=2e-5``. Two processes average two half-batch
 gradients where one process takes one mean over the whole batch: the same sum in another
 order, so float32 rounding differs (~1e-7); Adam divides by sqrt(v), which amplifies these
-differences for parameters with tiny gradients (the torchrun demo: 3e-6 after 20 steps).
+differences for parameters with tiny gradients (the torchrun demo: 3e-6 after 20 steps; here,
+with MKL's AVX2 branch that ``make test`` pins, one FSDP parameter of 48 is 1.3e-5 off after
+10 steps, under 1e-5 with the default branch).
 """
 
 import functools
@@ -32,6 +34,7 @@ from utils.training import RandomWindows, TrainConfig
 from utils.transformer import GPT, FeedForward, GPTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
+ATOL = 2e-5  # see the docstring
 CONFIG = GPTConfig(vocab_size=13, block_size=16, n_layer=2, n_head=2, n_embd=16)
 TRAIN = TrainConfig(max_iters=10, lr=1e-2, warmup_iters=3, progress=False)
 
@@ -60,10 +63,10 @@ def test_two_processes_train_like_one(two_processes, single, strategy):
     for rank in range(2):
         result = two_processes[rank][strategy]
         torch.testing.assert_close(
-            torch.tensor(result["losses"]), torch.tensor(single["losses"]), atol=1e-5, rtol=0
+            torch.tensor(result["losses"]), torch.tensor(single["losses"]), atol=ATOL, rtol=0
         )
         for name, p in single["parameters"].items():
-            torch.testing.assert_close(result["parameters"][name], p, atol=1e-5, rtol=0)
+            torch.testing.assert_close(result["parameters"][name], p, atol=ATOL, rtol=0)
     assert single["losses"][-1] < single["losses"][0] - 0.5  # it did learn
 
 

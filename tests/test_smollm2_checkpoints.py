@@ -1,6 +1,6 @@
 """The SmolLM2 SFT and DPO adapters in checkpoints/: checksums, sizes, and their recorded
 results reproduced on a fixed subset (SFT: greedy answers to the first held-out prompts;
-DPO: log-probabilities, implicit rewards and greedy exactness on the first held-out pairs).
+DPO: log-probabilities and implicit rewards of the first held-out pairs).
 
 The subset is evaluated in the same batches as the scripts did (16 prompts, 8 pairs), so the
 answers are compared exactly and log-probabilities to 1e-3 (float32 sums over ~70 tokens).
@@ -49,10 +49,10 @@ def test_sft_adapter_reproduces_its_subset_answers(smollm2):
     model, tokenizer = smollm2
     info = record(SFT_PATH)
     recipe = info["recipe"]
-    examples = sft.evaluation_sets(recipe["eval_prompts"], recipe["subset_prompts"])["sentiment"]
+    examples = sft.evaluation_sets(recipe["eval_prompts"])["sentiment"]
     n = recipe["subset_prompts"]
-    answers = sft.generate_answers(model, tokenizer, [e.prompt for e in examples[:32]],
-                                   recipe["max_new_tokens"])[:n]  # fmt: skip
+    answers = sft.answer_prompts(model, tokenizer, [e.prompt for e in examples[:32]],
+                                 recipe["max_new_tokens"])[:n]  # fmt: skip
     recorded = info["metrics"]["sft"]["sentiment"]
     assert answers == recorded["answers"][:n]
     assert idata.label_accuracy(answers, examples[:n]) == recorded["subset_accuracy"]
@@ -66,24 +66,24 @@ def test_dpo_adapter_reproduces_its_heldout_rewards(smollm2):
     model, tokenizer = smollm2
     sft_info, info = record(SFT_PATH), record(DPO_PATH)
     assert info["starts_from"]["sha256"] == sft_info["sha256"]
-    pairs = [tuple(p) for p in info["data"]["heldout_pairs"]][:PAIRS]
-    total = len(info["data"]["heldout_pairs"])
-    pick = list(range(PAIRS)) + [total + i for i in range(PAIRS)]  # chosen, then rejected
+    triples = [tuple(p) for p in info["data"]["heldout_pairs"]]
+    pairs = dpo.pair_examples(tokenizer, triples[:PAIRS])
+    pick = list(range(PAIRS)) + [len(triples) + i for i in range(PAIRS)]  # chosen, then rejected
     recorded = info["metrics"]
-    reference, _ = dpo.all_logprobs(model, tokenizer, pairs)  # the SFT model is the reference
+    pad = tokenizer.eos_token_id
+    reference = dpo.pair_logprobs(model, pairs, pad)  # the SFT model is the reference
     expected_reference = torch.tensor(recorded["reference_logprobs"])[pick]
     torch.testing.assert_close(reference, expected_reference, atol=1e-3, rtol=0)
     lora.load_adapter(model, DPO_PATH)
-    policy, _ = dpo.all_logprobs(model, tokenizer, pairs)
+    policy = dpo.pair_logprobs(model, pairs, pad)
     torch.testing.assert_close(
         policy, torch.tensor(recorded["policy_logprobs"])[pick], atol=1e-3, rtol=0
     )
-    beta = info["recipe"]["beta"]
-    full = dpo.dpo_terms(
+    full = dpo.reward_stats(
         torch.tensor(recorded["policy_logprobs"]),
         torch.tensor(recorded["reference_logprobs"]),
-        beta,
+        info["recipe"]["beta"],
     )
     after = recorded["rewards"]["after"]
-    assert full.accuracy.item() == pytest.approx(after["reward_accuracy"])
-    assert full.margin.item() == pytest.approx(after["reward_margin"], abs=1e-6)
+    assert full["reward_accuracy"] == pytest.approx(after["reward_accuracy"])
+    assert full["reward_margin"] == pytest.approx(after["reward_margin"], abs=1e-6)

@@ -7,17 +7,20 @@
   :func:`token_f1` (SQuAD's definitions), :func:`label_accuracy` (generated class names),
   :func:`bleu` (corpus BLEU as sacrebleu); :func:`example_scores` per prompt.
 - Comparing two models: :func:`win_rate` (ties count half), :func:`before_after_table`.
+- Forgetting: :func:`text_perplexity` of general text before and after tuning.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from utils.generation import generate
-from utils.sft import encode_text
+from utils.sft import encode_text, logits_of
 from utils.tasks import metrics
 
 
@@ -203,3 +206,28 @@ def before_after_table(before: dict[str, float], after: dict[str, float]) -> str
         change = after[name] - before[name]
         lines.append(f"{name:<{width}}  {before[name]:>9.4g}  {after[name]:>9.4g}  {change:>+9.4g}")
     return "\n".join(lines)
+
+
+# ---------------------------------------------------------------------------------------------
+# Forgetting
+# ---------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def text_perplexity(model: nn.Module, tokenizer, texts: Sequence[str], max_tokens: int) -> float:
+    """exp(mean next-token cross-entropy) over the first ``max_tokens`` tokens of each text
+    (plain text, no chat template), one text at a time: what a tuned model still knows of
+    general text. ``model(ids)`` (1, T) gives logits (1, T, V) or a Hugging Face output. The
+    model is put in eval mode and then back in its mode."""
+    was_training, total, count = model.training, 0.0, 0
+    model.eval()
+    device = next(model.parameters()).device
+    for text in texts:
+        ids = torch.tensor([encode_text(tokenizer, text)[:max_tokens]], device=device)
+        if ids.shape[1] < 2:
+            raise ValueError(f"each text needs at least 2 tokens, got {text!r}")
+        logits = logits_of(model(ids))[0, :-1].float()
+        total += F.cross_entropy(logits, ids[0, 1:], reduction="sum").item()
+        count += ids.shape[1] - 1
+    model.train(was_training)
+    return math.exp(total / count)
